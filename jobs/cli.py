@@ -1,0 +1,298 @@
+"""The `fbmem` command line: one subcommand per job, each a thin shell over a function.
+
+Every command takes `--db` (a folder or object-store URI; env FBMEM_DB), `--preset NAME`,
+`--config FILE.yaml` and `--set key=value` overrides (dotted config keys, YAML values), so the
+same settings object reaches every job and is recorded in `runs`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from fbmem.jobs.config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    help="fbmem: audit text-to-image diffusion models for foreground/background memorization "
+    "(FB-Mem) and mitigate it (NeMo-C). Results live in LanceDB tables; query them with `fbmem sql`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+ingest_app = typer.Typer(help="Ingest training images, generations or prompts.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+
+log = logging.getLogger("fbmem")
+
+DbOpt = typer.Option(..., "--db", envvar="FBMEM_DB", help="Database: a folder or an object-store URI (s3://...).")
+PresetOpt = typer.Option(None, "--preset", help="Named settings: tiny (offline random-weight models) or sd14.")
+ConfigOpt = typer.Option(None, "--config", help="YAML config file (overrides the preset).")
+SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set fbmem.tau=0.7 (repeatable).")
+
+
+class SourceKind(str, Enum):
+    auto = "auto"
+    folder = "folder"
+    manifest = "manifest"
+    webdataset = "webdataset"
+
+
+class MaskMode(str, Enum):
+    eager = "eager"
+    lazy = "lazy"
+
+
+class OutFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _config(preset: str | None, config: Path | None, sets: list[str] | None, extra: dict | None = None) -> Config:
+    overrides = _parse_sets(sets)
+    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return load_config(preset=preset, path=config, overrides=overrides)
+
+
+def _db(uri: str, cfg: Config):
+    from fbmem.storage.database import connect
+
+    return connect(uri, cfg.storage_options)
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _ingest_images(target: str, src: str, db: str, kind: SourceKind, masks: MaskMode | None,
+                   preset, config, sets) -> None:
+    from fbmem.jobs.ray_session import ensure_ray
+    from fbmem.jobs.run_record import RunRecord
+    from fbmem.pipelines.ingest import ingest_images
+
+    cfg = _config(preset, config, sets, {"ingest.masks": masks.value if masks else None})
+    database = _db(db, cfg)
+    ensure_ray(cfg)
+    args = {"src": src, "kind": kind.value, "masks": cfg.ingest.masks, "target": target}
+    with RunRecord(database, f"ingest-{target}", cfg, args=args) as run:
+        ingest_images(database, cfg, src, target=target, kind=kind.value, masks=cfg.ingest.masks, run=run)
+
+
+@ingest_app.command("training")
+def ingest_training(
+    src: str = typer.Argument(..., help="A folder of images, a CSV/Parquet manifest, or webdataset .tar shards."),
+    db: str = DbOpt,
+    kind: SourceKind = typer.Option(SourceKind.auto, help="What SRC is (auto-detected by default)."),
+    masks: Optional[MaskMode] = typer.Option(None, help="eager: segment every image now; lazy: when it becomes a candidate."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Ingest training images: validate, CLIP-embed, mask (eager) into `training_images`."""
+    _ingest_images("training", src, db, kind, masks, preset, config, set_)
+
+
+@ingest_app.command("generations")
+def ingest_generations(
+    src: str = typer.Argument(..., help="Manifest (uri, prompt, optional seed, sample, mask_uri) or folder."),
+    db: str = DbOpt,
+    kind: SourceKind = typer.Option(SourceKind.auto),
+    masks: Optional[MaskMode] = typer.Option(MaskMode.eager, help="Generations are few: eager by default."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Ingest images generated elsewhere into `generations` (embedded and masked)."""
+    _ingest_images("generations", src, db, kind, masks, preset, config, set_)
+
+
+@ingest_app.command("prompts")
+def ingest_prompts(
+    csv: Path = typer.Argument(..., help="Reference ';'-separated prompt set or a CSV with a 'prompt' column."),
+    db: str = DbOpt,
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Ingest a prompt set with CLIP text embeddings into `prompts`."""
+    from fbmem.jobs.ray_session import ensure_ray
+    from fbmem.jobs.run_record import RunRecord
+    from fbmem.pipelines.prompt_ingest import ingest_prompts as run_ingest
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    ensure_ray(cfg)
+    with RunRecord(database, "ingest-prompts", cfg, args={"csv": str(csv)}) as run:
+        run_ingest(database, cfg, csv, run=run)
+
+
+@app.command("index")
+def index_cmd(
+    db: str = DbOpt,
+    force: bool = typer.Option(False, help="Build the ANN index even below index.exact_below_rows."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Build the vector index on training embeddings (settings: config `index`)."""
+    from fbmem.jobs.run_record import RunRecord
+    from fbmem.storage.vector_index import build_index
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    with RunRecord(database, "index", cfg, args={"force": force}) as run:
+        info = build_index(database, cfg.index, force=force)
+        run.rows_in = info.get("rows", 0)
+        run.metrics.update(info)
+        typer.echo(info.get("message", ""))
+
+
+class CandidateMode(str, Enum):
+    ann = "ann"
+    exact = "exact"
+
+
+class RegionMetric(str, Enum):
+    region = "region"
+    masked_view = "masked-view"
+
+
+@app.command("label")
+def label_cmd(
+    db: str = DbOpt,
+    k: Optional[int] = typer.Option(None, "--k", help="Top-k candidates per generation (default 20)."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="Threshold for full, fg and bg (default 0.8)."),
+    tau_full: Optional[float] = typer.Option(None, "--tau-full"),
+    tau_fg: Optional[float] = typer.Option(None, "--tau-fg"),
+    tau_bg: Optional[float] = typer.Option(None, "--tau-bg"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Degenerate-region fraction (default 0.03)."),
+    candidates: Optional[CandidateMode] = typer.Option(None, "--candidates", help="ann: top-k from the index; exact: all training images."),
+    metric: Optional[RegionMetric] = typer.Option(None, "--metric", help="region (default) or masked-view (the reference's)."),
+    where: Optional[str] = typer.Option(None, help="Only generations matching this filter, e.g. \"mitigation = 'none'\"."),
+    force: bool = typer.Option(False, help="Relabel generations already labelled under these settings."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """FB-Mem labels: candidates, lazy masks, batched region MS-SSIM, pair_scores and labels."""
+    from fbmem.jobs.label_job import format_distribution, run_label_job
+    from fbmem.jobs.ray_session import ensure_ray
+    from fbmem.jobs.run_record import RunRecord
+
+    cfg = _config(preset, config, set_, {
+        "candidates.k": k, "fbmem.tau": tau, "fbmem.tau_full": tau_full, "fbmem.tau_fg": tau_fg,
+        "fbmem.tau_bg": tau_bg, "fbmem.beta": beta, "candidates.mode": candidates.value if candidates else None,
+        "fbmem.region_metric": metric.value if metric else None,
+    })
+    database = _db(db, cfg)
+    ensure_ray(cfg)
+    with RunRecord(database, "label", cfg, args={"force": force, "where": where}) as run:
+        dist = run_label_job(database, cfg, run=run, force=force, where=where)
+        typer.echo(f"labels (most-severe): {format_distribution(dist)}")
+
+
+@app.command("tables")
+def tables_cmd(
+    db: str = DbOpt,
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Row counts of every table."""
+    from fbmem.storage.schema import TABLES
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    width = max(len(t) for t in TABLES)
+    for name in TABLES:
+        n = database.count(name) if database.has_table(name) else None
+        typer.echo(f"{name:<{width}}  {'-' if n is None else n}")
+
+
+@app.command("sql")
+def sql_cmd(
+    query: str = typer.Argument(..., help="A SQL string or a file such as sql/label_distribution.sql."),
+    db: str = DbOpt,
+    fmt: OutFormat = typer.Option(OutFormat.table, "--format", help="Output format."),
+    out: Optional[Path] = typer.Option(None, help="Write the result to this file (required for parquet)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="Query parameter k=v, used as $k (repeatable)."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Run SQL over the tables (DuckDB; every table is a view)."""
+    from fbmem.jobs.sql_output import render
+    from fbmem.storage.sql import load_query, query_params, run_query
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    text = load_query(query)
+    params = query_params(text, _parse_params(param))
+    result = run_query(database, text, params)
+    if result is None:
+        return
+    rendered = render(result, fmt.value, out)
+    if rendered is not None:
+        typer.echo(rendered)
+
+
+def _parse_params(items: list[str] | None) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--param expects k=v, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("fbmem-demo"), help="Demo folder (database, images)."),
+    preset: str = typer.Option("tiny", "--preset"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """The embedded default: build a small world offline and run the jobs on it with local Ray."""
+    from fbmem.jobs.demo import run_demo
+
+    cfg = _config(preset, config, set_)
+    run_demo(cfg, out)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("FBMEM_LOG", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from fbmem.storage.database import StorageError
+
+    try:
+        app()
+    except (ConfigError, StorageError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""The one validated config object.
+
+Every threshold, model reference and resource setting lives here, with the reference defaults
+of SPEC.md, so a run's behaviour is fully described by one object that is stored in `runs`.
+Layers, lowest to highest priority: these defaults, a named preset (`jobs/presets/NAME.yaml`), a
+user YAML file, then explicit overrides (CLI flags). Unknown keys are errors, not silently ignored,
+because a misspelt threshold would otherwise run a scan with the default.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClipConfig(_Strict):
+    """open_clip model by name + pretrained tag (hub or local checkpoint file), or `tiny`."""
+
+    model_name: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    tiny: bool = False  # random-weight tiny model built from a custom config (tests, offline demo)
+    seed: int = 0  # seeds the random init of tiny models so every actor holds the same weights
+
+    @property
+    def model_id(self) -> str:
+        if self.tiny:
+            return f"open_clip:tiny-random:seed{self.seed}"
+        return f"open_clip:{self.model_name}:{self.pretrained}"
+
+
+class SegmenterConfig(_Strict):
+    """Foreground segmentation: SAM (default, needs a checkpoint) or a weight-free fallback."""
+
+    backend: Literal["sam", "grabcut"] = "sam"
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_h"
+    sam_checkpoint: str | None = None  # local .pth (loaded weights_only) or .safetensors
+    seed: int = 0
+    points_per_side: int = 32
+    pred_iou_thresh: float = Field(0.88, ge=0, le=1)
+    stability_score_thresh: float = Field(0.95, ge=0, le=1)
+    # foreground choice from SAM's masks (see pipelines/sam_segmenter.py)
+    min_area_frac: float = Field(0.005, ge=0, le=1)
+    max_area_frac: float = Field(0.9, gt=0, le=1)
+    border_touch_frac: float = Field(0.05, ge=0, le=1)
+    max_side: int = Field(1024, ge=64)  # images are downscaled to this side before segmenting
+
+    @property
+    def model_id(self) -> str:
+        if self.backend != "sam":
+            return f"{self.backend}"
+        if self.sam_model_type == "tiny":
+            return f"sam:tiny-random:seed{self.seed}"
+        return f"sam:{self.sam_model_type}:{Path(self.sam_checkpoint).name if self.sam_checkpoint else 'none'}"
+
+
+class DiffusionConfig(_Strict):
+    """The audited text-to-image model: a diffusers pipeline by hub id or local folder, or `tiny`."""
+
+    model: str = "CompVis/stable-diffusion-v1-4"
+    tiny: bool = False
+    seed: int = 0
+    revision: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return f"diffusers:tiny-random:seed{self.seed}" if self.tiny else f"diffusers:{self.model}"
+
+
+class ModelsConfig(_Strict):
+    clip: ClipConfig = ClipConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+
+
+class ActorResources(_Strict):
+    """Ray resources of one actor pool. Fractional CPUs let small machines run several stages."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    pool_size: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class ResourcesConfig(_Strict):
+    ray_address: str | None = None  # None: start (or join) a local Ray
+    ray_num_cpus: int | None = None  # local Ray only
+    decode_num_cpus: float = Field(0.25, gt=0)
+    embed: ActorResources = ActorResources()
+    segment: ActorResources = ActorResources(batch_size=4)
+    generate: ActorResources = ActorResources(batch_size=4)
+    score: ActorResources = ActorResources(batch_size=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class IngestConfig(_Strict):
+    max_pixels: int = Field(89_478_485, ge=1)  # PIL's own decompression-bomb limit by default
+    min_side: int = Field(32, ge=1)
+    masks: Literal["eager", "lazy"] = "lazy"
+    store_image_bytes: bool = True
+    write_batch_rows: int = Field(512, ge=1)
+    http_timeout_s: float = Field(30.0, gt=0)
+
+
+class FBMemConfig(_Strict):
+    """SPEC.md sections 1-2."""
+
+    image_size: int = Field(512, ge=8)  # S
+    region_metric: Literal["region", "masked-view"] = "region"
+    tau: float = Field(0.8, ge=0, le=1)
+    tau_full: float | None = Field(None, ge=0, le=1)
+    tau_fg: float | None = Field(None, ge=0, le=1)
+    tau_bg: float | None = Field(None, ge=0, le=1)
+    beta: float = Field(0.03, ge=0, lt=0.5)
+    win_size: int = Field(11, ge=3)
+    win_sigma: float = Field(1.5, gt=0)
+    ms_weights: list[float] = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    small_images: Literal["upsample", "reject"] = "upsample"
+    chunk_pairs: int = Field(16, ge=1)  # pairs per batched scorer call (bounds memory)
+
+    @model_validator(mode="after")
+    def _odd_window(self) -> "FBMemConfig":
+        if self.win_size % 2 == 0:
+            raise ValueError("fbmem.win_size must be odd")
+        if not self.ms_weights:
+            raise ValueError("fbmem.ms_weights must not be empty")
+        return self
+
+    @property
+    def thresholds(self) -> tuple[float, float, float]:
+        """(tau_full, tau_fg, tau_bg), each falling back to tau."""
+        t = self.tau
+        return (
+            self.tau_full if self.tau_full is not None else t,
+            self.tau_fg if self.tau_fg is not None else t,
+            self.tau_bg if self.tau_bg is not None else t,
+        )
+
+
+class IndexConfig(_Strict):
+    """Vector index on training embeddings (LanceDB)."""
+
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_FLAT"] = "IVF_PQ"
+    metric: Literal["cosine", "dot", "l2"] = "cosine"
+    num_partitions: int | None = None  # None: sqrt(rows)
+    num_sub_vectors: int | None = None  # None: dim / 8 (IVF_PQ)
+    nprobes: int = Field(32, ge=1)
+    refine_factor: int | None = 10
+    exact_below_rows: int = Field(10_000, ge=0)  # below this, search is brute force
+
+    @model_validator(mode="after")
+    def _pq_needs_refine(self) -> "IndexConfig":
+        # Without re-ranking on full vectors, IVF_PQ's recall@20 was ~0.47 at any nprobes in
+        # bench/retrieval.py (200k x 512): PQ distances alone cannot order close candidates.
+        if self.index_type == "IVF_PQ" and not self.refine_factor:
+            raise ValueError("index.refine_factor must be >= 1 with IVF_PQ (recall collapses without it)")
+        return self
+
+
+class CandidatesConfig(_Strict):
+    """SPEC.md section 3."""
+
+    k: int = Field(20, ge=1)
+    mode: Literal["ann", "exact"] = "ann"
+    include_linked: bool = True
+
+
+class GenerationConfig(_Strict):
+    """SPEC.md section 9."""
+
+    n: int = Field(5, ge=1)
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(7.0, ge=0)
+    size: int = Field(512, ge=8)
+    scheduler: Literal["ddim"] = "ddim"
+    dtype: Literal["auto", "float16", "float32", "bfloat16"] = "auto"
+    base_seed: int = 0
+
+
+class ClusterConfig(_Strict):
+    """SPEC.md section 5."""
+
+    k: int = Field(12, ge=2)
+    max_iter: int = Field(500, ge=1)
+    random_state: int = 1
+    embedding: Literal["text_encoder", "open_clip"] = "text_encoder"
+
+
+class NemoConfig(_Strict):
+    """SPEC.md section 6."""
+
+    n_latents: int = Field(10, ge=2)
+    latent_seed: int = 1
+    timestep_index: int = Field(1, ge=0)  # t_1: second timestep of the DDIM schedule
+    schedule_steps: int = Field(50, ge=2)
+    threshold: float = Field(0.428, ge=0, le=1)
+    detect_win_size: int = Field(11, ge=3)
+    detect_scales: int = Field(3, ge=1)
+    detect_min_side: int = Field(0, ge=0)  # upsample noise differences to at least this side
+    theta_start: float = 5.0
+    theta_step: float = Field(0.25, gt=0)
+    theta_min: float = 1.0
+    k_start: int = Field(0, ge=0)
+    refine_batch: int = Field(64, ge=1)  # candidate neuron sets per batched UNet call
+    alpha: float = Field(0.0, ge=0, lt=1)
+
+
+class Config(_Strict):
+    """Everything a run needs. Stored as JSON in `runs` so any row can be traced to its settings."""
+
+    models: ModelsConfig = ModelsConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    ingest: IngestConfig = IngestConfig()
+    fbmem: FBMemConfig = FBMemConfig()
+    index: IndexConfig = IndexConfig()
+    candidates: CandidatesConfig = CandidatesConfig()
+    generation: GenerationConfig = GenerationConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    nemo: NemoConfig = NemoConfig()
+    storage_options: dict[str, str] = {}  # object-store credentials etc., passed to LanceDB
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with a message naming the file and the offending key."""
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in resources.files("fbmem.jobs.presets").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    path = resources.files("fbmem.jobs.presets") / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+    return _read_yaml(path.read_text(), f"preset {name}")
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict (used for CLI overrides)."""
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def load_config(
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults < preset < YAML file < overrides (dotted keys). Raises ConfigError with the source."""
+    data: dict[str, Any] = {}
+    if preset:
+        data = _deep_merge(data, preset_dict(preset))
+    where = f"preset {preset}" if preset else "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = _deep_merge(data, _read_yaml(p.read_text(), str(p)))
+        where = str(p)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(data, dotted, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"invalid config ({where}):"]
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc

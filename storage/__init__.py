@@ -1,0 +1,1 @@
+"""The LanceDB database: table schemas, connection, idempotent writes, DuckDB views."""

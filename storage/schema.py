@@ -1,0 +1,259 @@
+"""The pyarrow schemas of every fbmem table, in one place.
+
+Why explicit schemas: Lance tables are append-mostly and typed; letting each job infer a schema
+from its first batch makes a null-only column or an int32/int64 slip a hard failure weeks later.
+Every table has a stable key (`KEYS`) used for idempotent upserts and a `run_id` column.
+Vectors are `fixed_size_list<float32>[D]`, the type LanceDB indexes; D depends on the model, so
+tables with vectors are built by functions of the dimension.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+TABLES = (
+    "training_images",
+    "prompts",
+    "generations",
+    "pair_scores",
+    "labels",
+    "neurons",
+    "runs",
+    "errors",
+)
+
+# The columns that identify a row; upserts match on them.
+KEYS: dict[str, tuple[str, ...]] = {
+    "training_images": ("image_id",),
+    "prompts": ("prompt_id",),
+    "generations": ("generation_id",),
+    "pair_scores": ("pair_id",),
+    "labels": ("label_id",),
+    "neurons": ("neuron_set_id",),
+    "runs": ("run_id",),
+    "errors": ("error_id",),
+}
+
+VECTOR_TABLES = ("training_images", "prompts", "generations")
+
+TS = pa.timestamp("us", tz="UTC")
+
+
+def vector_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def _image_columns(dim: int) -> list[pa.Field]:
+    """Columns shared by training images and generations: the pixels, the vector, the mask."""
+    return [
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string()),
+        pa.field("source_id", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("image_bytes", pa.large_binary()),
+        pa.field("embedding", vector_type(dim)),
+        pa.field("embedding_model", pa.string()),
+        pa.field("mask_png", pa.large_binary()),
+        pa.field("fg_fraction", pa.float32()),
+        pa.field("mask_model", pa.string()),
+    ]
+
+
+def training_images_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [pa.field("image_id", pa.string(), nullable=False)]
+        + _image_columns(dim)
+        + [
+            pa.field("caption", pa.string()),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("ingested_at", TS),
+        ]
+    )
+
+
+def prompts_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("source_row", pa.int64()),
+            pa.field("mem_type", pa.string()),  # reference set: VM / TM
+            pa.field("planted", pa.string()),  # toy world: VM / FM / BM / NM
+            pa.field("linked_uri", pa.string()),
+            pa.field("linked_id", pa.string()),
+            pa.field("mean_sscd", pa.float32()),
+            pa.field("max_sscd", pa.float32()),
+            pa.field("embedding", vector_type(dim)),
+            pa.field("embedding_model", pa.string()),
+            pa.field("cluster_id", pa.int32()),
+            pa.field("cluster_run_id", pa.string()),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("ingested_at", TS),
+        ]
+    )
+
+
+def generations_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            # content hash for images made elsewhere; hash of the recipe for images made here
+            pa.field("generation_id", pa.string(), nullable=False),
+            pa.field("prompt_id", pa.string()),
+            pa.field("prompt", pa.string()),
+            pa.field("seed", pa.int64()),
+            pa.field("sample", pa.int32()),
+            pa.field("model_id", pa.string()),  # the diffusion model, or "external"
+            pa.field("mitigation", pa.string()),  # none / nemo / nemo-c
+            pa.field("alpha", pa.float32()),
+        ]
+        + _image_columns(dim)
+        + [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("created_at", TS),
+        ]
+    )
+
+
+PAIR_SCORES = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),  # hash(generation, image, scoring settings)
+        pa.field("generation_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string()),
+        pa.field("candidate_source", pa.string()),  # ann / exact / linked
+        pa.field("rank", pa.int32()),
+        pa.field("distance", pa.float32()),
+        pa.field("full", pa.float32()),
+        pa.field("fg", pa.float32()),
+        pa.field("bg", pa.float32()),
+        pa.field("fg_area", pa.float32()),
+        pa.field("bg_area", pa.float32()),
+        pa.field("pair_label", pa.string()),
+        pa.field("pair_rule", pa.string()),  # which clause of the label rule fired
+        pa.field("region_metric", pa.string()),
+        pa.field("image_size", pa.int32()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+LABELS = pa.schema(
+    [
+        pa.field("label_id", pa.string(), nullable=False),  # hash(generation, rule, settings)
+        pa.field("generation_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string()),
+        pa.field("label", pa.string(), nullable=False),  # VM / FM / BM / NM
+        pa.field("rule", pa.string(), nullable=False),  # most-severe / paper-best-average
+        pa.field("reason", pa.string()),
+        pa.field("best_image_id", pa.string()),
+        pa.field("full", pa.float32()),
+        pa.field("fg", pa.float32()),
+        pa.field("bg", pa.float32()),
+        pa.field("n_candidates", pa.int32()),
+        pa.field("tau_full", pa.float32()),
+        pa.field("tau_fg", pa.float32()),
+        pa.field("tau_bg", pa.float32()),
+        pa.field("beta", pa.float32()),
+        pa.field("region_metric", pa.string()),
+        pa.field("candidates_mode", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("labelled_at", TS),
+    ]
+)
+
+NEURONS = pa.schema(
+    [
+        pa.field("neuron_set_id", pa.string(), nullable=False),
+        pa.field("scope", pa.string(), nullable=False),  # prompt / cluster
+        pa.field("prompt_id", pa.string()),
+        pa.field("cluster_id", pa.int32()),
+        pa.field("kind", pa.string(), nullable=False),  # initial / refined / union
+        pa.field("layer_idx", pa.int32(), nullable=False),
+        pa.field("module", pa.string(), nullable=False),
+        pa.field("neurons", pa.list_(pa.int32())),
+        pa.field("score", pa.float32()),  # s(B) of the set, when known
+        pa.field("model_id", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("job", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # running / ok / failed
+        pa.field("started_at", TS),
+        pa.field("finished_at", TS),
+        pa.field("rows_in", pa.int64()),
+        pa.field("rows_out", pa.int64()),
+        pa.field("errors", pa.int64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("config_json", pa.string()),
+        pa.field("args_json", pa.string()),
+        pa.field("metrics_json", pa.string()),
+        pa.field("message", pa.string()),
+    ]
+)
+
+ERRORS = pa.schema(
+    [
+        pa.field("error_id", pa.string(), nullable=False),  # hash(job, stage, source): reruns overwrite
+        pa.field("job", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string()),
+        pa.field("source_id", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", TS),
+    ]
+)
+
+_FIXED = {
+    "pair_scores": PAIR_SCORES,
+    "labels": LABELS,
+    "neurons": NEURONS,
+    "runs": RUNS,
+    "errors": ERRORS,
+}
+
+_BY_DIM = {
+    "training_images": training_images_schema,
+    "prompts": prompts_schema,
+    "generations": generations_schema,
+}
+
+
+def schema_for(table: str, dim: int | None = None) -> pa.Schema:
+    """The schema of `table`; vector tables need the embedding dimension."""
+    if table in _FIXED:
+        return _FIXED[table]
+    if table in _BY_DIM:
+        if dim is None:
+            raise ValueError(f"table {table!r} holds vectors: its schema needs the embedding dimension")
+        return _BY_DIM[table](dim)
+    raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Reorder/cast `table` to `schema`, adding missing nullable columns as nulls.
+
+    Jobs build batches with the columns they know; the schema decides the rest. A missing
+    non-nullable column or an impossible cast is an error naming the column.
+    """
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            if not col.type.equals(field.type):
+                try:
+                    col = col.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise ValueError(
+                        f"column {field.name!r}: cannot cast {col.type} to {field.type}: {exc}"
+                    ) from exc
+            cols.append(col)
+        else:
+            if not field.nullable:
+                raise ValueError(f"column {field.name!r} is required but missing")
+            cols.append(pa.nulls(table.num_rows, type=field.type))
+    return pa.Table.from_arrays(cols, schema=schema)

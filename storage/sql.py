@@ -1,0 +1,90 @@
+"""DuckDB over the Lance tables.
+
+Each table is registered as a view of its Lance dataset (the Arrow route: DuckDB scans it as an
+Arrow dataset and pushes projections and simple filters down), so a query reads only the columns
+and rows it needs, even on object storage. `INSTALL lance` would need the network; this does not.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import duckdb
+
+from fbmem.storage.database import Database
+from fbmem.storage.schema import TABLES
+
+
+
+def duckdb_connection(db: Database) -> duckdb.DuckDBPyConnection:
+    """A fresh DuckDB connection with one view per existing table."""
+    con = duckdb.connect()
+    existing = set(db.table_names())
+    for name in TABLES:
+        if name in existing:
+            con.register(name, db.dataset(name))
+        else:
+            # an empty view with the table's columns: queries over a fresh database return no
+            # rows instead of failing on a missing table
+            con.register(name, db.read(name))
+    return con
+
+
+def load_query(text_or_path: str) -> str:
+    """A SQL string, or the contents of a `.sql` file (e.g. `sql/label_distribution.sql`)."""
+    p = Path(text_or_path)
+    if text_or_path.strip().lower().endswith(".sql"):
+        if not p.is_file():
+            raise FileNotFoundError(f"SQL file not found: {p}")
+        return p.read_text()
+    return text_or_path
+
+
+def run_query(db: Database, sql: str, params: dict[str, object] | None = None):
+    """Run `sql` with named parameters ($name) and return a pyarrow Table."""
+    con = duckdb_connection(db)
+    try:
+        rel = con.sql(sql, params=params or None)
+        if rel is None:  # a statement that returns nothing (e.g. SET)
+            return None
+        return _to_arrow(rel)
+    finally:
+        con.close()
+
+
+def _to_arrow(result):
+    """DuckDB 2.0 names it to_arrow_table, 1.x arrow(); accept both."""
+    fetch = getattr(result, "to_arrow_table", None) or getattr(result, "arrow")
+    return fetch()
+
+
+_PARAM_USE = re.compile(r"\$([A-Za-z_]\w*)")
+_PARAM_DEFAULT = re.compile(r"^\s*--\s*param\s+([A-Za-z_]\w*)\s*=\s*(.+?)\s*$", re.MULTILINE)
+
+
+def query_params(sql: str, given: dict[str, object]) -> dict[str, object]:
+    """The `$name` parameters a query uses: given values, else `-- param name = default` lines.
+
+    DuckDB rejects unused parameters and unbound ones; naming both cases here gives users a
+    message about their flag, not a binder error.
+    """
+    import yaml
+
+    used = set(_PARAM_USE.findall(_strip_comments(sql)))
+    defaults = {k: yaml.safe_load(v) for k, v in _PARAM_DEFAULT.findall(sql)}
+    unknown = set(given) - used
+    if unknown:
+        raise ValueError(f"unknown --param {', '.join(sorted(unknown))}; this query takes: {', '.join(sorted(used)) or 'none'}")
+    out = {}
+    for name in sorted(used):
+        if name in given:
+            out[name] = given[name]
+        elif name in defaults:
+            out[name] = defaults[name]
+        else:
+            raise ValueError(f"the query needs --param {name}=...")
+    return out
+
+
+def _strip_comments(sql: str) -> str:
+    return re.sub(r"--[^\n]*", "", sql)

@@ -1,0 +1,46 @@
+"""Shared fixtures: a local Ray per test module, the tiny preset, the shared data folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray (2 CPUs, no dashboard, short temp dir); shut down after the module."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    tmp = tempfile.mkdtemp(prefix="fbr", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    # Ray Data binds its log handlers to the sys.stderr of its first use: do that here, not under
+    # a CliRunner whose captured stream is closed when the command returns.
+    ray.data.range(1).take(1)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from fbmem.jobs.config import load_config
+
+    return load_config(preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared data folder is missing: {SHARED_DATA} (CI lays ../shared beside the repo)")
+    return SHARED_DATA
