@@ -1,0 +1,1 @@
+"""Ray Data pipelines: sources, decoding, and the model actors (CLIP, SAM, diffusion)."""
