@@ -1,0 +1,157 @@
+"""Candidate training images for each generation (SPEC section 3).
+
+Three sources, merged per (generation, training image):
+- `ann`: the top-k training images by CLIP cosine from the vector index (exact flat search when
+  the table has no index yet) — what scales to billions;
+- `linked`: the training images the prompt set names for the prompt (its URL / id column),
+  matched on the training row's source uri, source id or content hash;
+- `exact`: every training image (the reference's brute force), for small pools and as the
+  yardstick the ANN candidates are checked against.
+Pure merging lives in `merge_candidates`; the rest reads the tables.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fbmem.jobs.config import Config
+from fbmem.storage.database import Database
+from fbmem.storage.vector_index import search
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("generation_id", pa.string()),
+        ("image_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("candidate_source", pa.string()),
+        ("rank", pa.int32()),
+        ("distance", pa.float32()),
+    ]
+)
+# when a pair comes from several sources, the first listed names it (its rank and distance kept)
+SOURCE_ORDER = ("ann", "exact", "linked")
+
+
+def sql_list(values) -> str:
+    """A SQL IN-list of string literals (quotes escaped)."""
+    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+
+
+def merge_candidates(parts: list[pa.Table]) -> pa.Table:
+    """Union candidate tables, one row per (generation, image), the best-ranked source winning."""
+    parts = [p.select(CANDIDATE_SCHEMA.names).cast(CANDIDATE_SCHEMA) for p in parts if p.num_rows]
+    if not parts:
+        return CANDIDATE_SCHEMA.empty_table()
+    t = pa.concat_tables(parts)
+    order = {s: i for i, s in enumerate(SOURCE_ORDER)}
+    src_rank = pa.array([order.get(s, len(order)) for s in t.column("candidate_source").to_pylist()], pa.int32())
+    t = t.append_column("_src", src_rank)
+    t = t.sort_by([("generation_id", "ascending"), ("image_id", "ascending"), ("_src", "ascending")])
+    gid, iid = t.column("generation_id").to_pylist(), t.column("image_id").to_pylist()
+    keep = [i == 0 or (gid[i], iid[i]) != (gid[i - 1], iid[i - 1]) for i in range(t.num_rows)]
+    t = t.filter(pa.array(keep)).drop_columns(["_src"])
+    return t.sort_by([("generation_id", "ascending"), ("rank", "ascending"), ("image_id", "ascending")])
+
+
+def ann_candidates(db: Database, cfg: Config, gens: pa.Table, k: int) -> pa.Table:
+    """Top-k by cosine per generation (`gens`: generation_id, prompt_id, embedding)."""
+    if gens.num_rows == 0:
+        return CANDIDATE_SCHEMA.empty_table()
+    vecs = np.asarray(gens.column("embedding").to_pylist(), dtype=np.float32)
+    hits = search(db, vecs, k, cfg.index)
+    qi = hits.column("query_index").to_numpy()
+    # rank within each query, in the order Lance returned them (ascending distance)
+    ranks = np.zeros(len(qi), dtype=np.int32)
+    for i in range(1, len(qi)):
+        ranks[i] = ranks[i - 1] + 1 if qi[i] == qi[i - 1] else 0
+    return pa.table(
+        {
+            "generation_id": gens.column("generation_id").take(pa.array(qi)),
+            "image_id": hits.column("image_id"),
+            "prompt_id": gens.column("prompt_id").take(pa.array(qi)),
+            "candidate_source": pa.array(["ann"] * len(qi)),
+            "rank": pa.array(ranks + 1, pa.int32()),
+            "distance": hits.column("_distance").cast(pa.float32()),
+        }
+    )
+
+
+def exact_candidates(db: Database, gens: pa.Table) -> pa.Table:
+    """Every training image for every generation, ranked by cosine (the brute-force yardstick)."""
+    train = db.read("training_images", ["image_id", "embedding"])
+    if gens.num_rows == 0 or train.num_rows == 0:
+        return CANDIDATE_SCHEMA.empty_table()
+    g = np.asarray(gens.column("embedding").to_pylist(), dtype=np.float32)
+    t = np.asarray(train.column("embedding").to_pylist(), dtype=np.float32)
+    dist = 1.0 - g @ t.T  # unit vectors: cosine distance
+    order = np.argsort(dist, axis=1, kind="stable")
+    n_g, n_t = dist.shape
+    rows_g = np.repeat(np.arange(n_g), n_t)
+    cols = order.ravel()
+    return pa.table(
+        {
+            "generation_id": gens.column("generation_id").take(pa.array(rows_g)),
+            "image_id": train.column("image_id").take(pa.array(cols)),
+            "prompt_id": gens.column("prompt_id").take(pa.array(rows_g)),
+            "candidate_source": pa.array(["exact"] * len(cols)),
+            "rank": pa.array(np.tile(np.arange(1, n_t + 1), n_g), pa.int32()),
+            "distance": pa.array(dist[rows_g, cols], pa.float32()),
+        }
+    )
+
+
+def linked_candidates(db: Database, gens: pa.Table) -> pa.Table:
+    """Training images named by the prompt set for each generation's prompt."""
+    if gens.num_rows == 0 or not db.has_table("prompts"):
+        return CANDIDATE_SCHEMA.empty_table()
+    prompt_ids = sorted({p for p in gens.column("prompt_id").to_pylist() if p})
+    if not prompt_ids:
+        return CANDIDATE_SCHEMA.empty_table()
+    links = db.read(
+        "prompts", ["prompt_id", "linked_uri", "linked_id"], where=f"prompt_id IN ({sql_list(prompt_ids)})"
+    ).to_pylist()
+    uris = {r["linked_uri"] for r in links if r["linked_uri"]}
+    ids = {r["linked_id"] for r in links if r["linked_id"]}
+    if not uris and not ids:
+        return CANDIDATE_SCHEMA.empty_table()
+    clauses = []
+    if uris:
+        clauses.append(f"source_uri IN ({sql_list(uris)})")
+    if ids:
+        clauses.append(f"source_id IN ({sql_list(ids)}) OR image_id IN ({sql_list(ids)})")
+    train = db.read("training_images", ["image_id", "source_uri", "source_id"], where=" OR ".join(clauses)).to_pylist()
+    by_key: dict[str, set[str]] = {}
+    for r in train:
+        for key in (r["source_uri"], r["source_id"], r["image_id"]):
+            if key:
+                by_key.setdefault(key, set()).add(r["image_id"])
+    images_of_prompt: dict[str, set[str]] = {}
+    for r in links:
+        found = set()
+        for key in (r["linked_uri"], r["linked_id"]):
+            found |= by_key.get(key, set()) if key else set()
+        images_of_prompt[r["prompt_id"]] = found
+    rows = []
+    for g, p in zip(gens.column("generation_id").to_pylist(), gens.column("prompt_id").to_pylist()):
+        for img in sorted(images_of_prompt.get(p, ())):
+            rows.append({"generation_id": g, "image_id": img, "prompt_id": p, "candidate_source": "linked",
+                         "rank": None, "distance": None})
+    return pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA) if rows else CANDIDATE_SCHEMA.empty_table()
+
+
+def find_candidates(db: Database, cfg: Config, gens: pa.Table, *, mode: str | None = None,
+                    k: int | None = None) -> pa.Table:
+    """All candidates of `gens` under the configured mode (ann | exact), plus linked images."""
+    mode = mode or cfg.candidates.mode
+    k = k or cfg.candidates.k
+    parts = [exact_candidates(db, gens) if mode == "exact" else ann_candidates(db, cfg, gens, k)]
+    if cfg.candidates.include_linked:
+        parts.append(linked_candidates(db, gens))
+    out = merge_candidates(parts)
+    log.info("candidates: %d pairs for %d generations (mode=%s, k=%d)", out.num_rows, gens.num_rows, mode, k)
+    return out

@@ -1,0 +1,71 @@
+"""Masks on demand: segment training images (or generations) only when they become candidates.
+
+SAM is orders of magnitude dearer than CLIP per image (DESIGN.md, Scale), so ingest leaves
+training masks empty by default and the labelling job calls `ensure_masks` with the candidate ids;
+the masks are stored in the rows, so each image is segmented at most once, ever.
+"""
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from tqdm import tqdm
+
+from fbmem.jobs.candidates import sql_list
+from fbmem.jobs.config import Config
+from fbmem.jobs.run_record import RunRecord
+from fbmem.pipelines.ingest import _actor_kwargs, error_id
+from fbmem.jobs.run_record import now_utc
+from fbmem.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+KEY_OF = {"training_images": "image_id", "generations": "generation_id"}
+
+
+def missing_mask_ids(db: Database, table: str, ids: list[str], chunk: int = 2000) -> list[str]:
+    key = KEY_OF[table]
+    out: list[str] = []
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        where = f"{key} IN ({sql_list(part)}) AND mask_png IS NULL"
+        out += db.read(table, [key], where=where).column(0).to_pylist()
+    return out
+
+
+def ensure_masks(db: Database, cfg: Config, table: str, ids: list[str], run: RunRecord) -> int:
+    """Segment the rows of `ids` that have no mask yet; returns how many got one."""
+    from fbmem.pipelines.sam_segmenter import SamSegmenter
+
+    todo = missing_mask_ids(db, table, sorted(set(ids)))
+    if not todo:
+        return 0
+    key = KEY_OF[table]
+    log.info("segmenting %d %s rows that became candidates (lazy masks)", len(todo), table)
+    rows = db.read(table, where=f"{key} IN ({sql_list(todo)})")
+    ds = ray.data.from_arrow(rows).map_batches(
+        SamSegmenter, fn_constructor_args=(cfg.to_json(),), **_actor_kwargs(cfg.resources.segment)
+    )
+    done = 0
+    with tqdm(total=len(todo), desc=f"masks ({table})", unit="img", disable=None) as bar:
+        for batch in ds.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow"):
+            has_err = "error" in batch.column_names
+            bad = batch.filter(pc.is_valid(batch.column("error"))) if has_err else batch.slice(0, 0)
+            good = batch.filter(pc.is_null(batch.column("error"))) if has_err else batch
+            if good.num_rows:
+                db.upsert(table, good.drop_columns(["error"]) if has_err else good)
+                done += good.num_rows
+            if bad.num_rows:
+                n = bad.num_rows
+                db.upsert("errors", pa.table({
+                    "error_id": [error_id(run.job, "mask", k) for k in bad.column(key).to_pylist()],
+                    "job": [run.job] * n, "stage": ["mask"] * n,
+                    "source_uri": bad.column("source_uri"), "source_id": bad.column(key),
+                    "reason": bad.column("error"), "run_id": [run.run_id] * n,
+                    "created_at": pa.array([now_utc()] * n, pa.timestamp("us", tz="UTC")),
+                }))
+                run.errors += n
+            bar.update(batch.num_rows)
+    return done
