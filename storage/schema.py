@@ -17,6 +17,8 @@ TABLES = (
     "pair_scores",
     "labels",
     "neurons",
+    "neuron_stats",
+    "nemo_prompts",
     "runs",
     "errors",
 )
@@ -29,6 +31,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "pair_scores": ("pair_id",),
     "labels": ("label_id",),
     "neurons": ("neuron_set_id",),
+    "neuron_stats": ("stat_id",),
+    "nemo_prompts": ("nemo_id",),
     "runs": ("run_id",),
     "errors": ("error_id",),
 }
@@ -177,6 +181,43 @@ NEURONS = pa.schema(
     ]
 )
 
+NEURON_STATS = pa.schema(
+    [
+        pa.field("stat_id", pa.string(), nullable=False),  # hash(model, source, layer, neuron)
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("stats_source", pa.string(), nullable=False),  # prompt set (hash) or imported file
+        pa.field("layer_idx", pa.int32(), nullable=False),
+        pa.field("module", pa.string(), nullable=False),
+        pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("mean_abs_act", pa.float32()),
+        pa.field("std_abs_act", pa.float32()),
+        pa.field("n_prompts", pa.int64()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+NEMO_PROMPTS = pa.schema(
+    [
+        pa.field("nemo_id", pa.string(), nullable=False),  # hash(model, prompt, settings)
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("detect_score", pa.float32()),  # max_i m_i (SPEC 6 detection)
+        pa.field("detect_mean", pa.float32()),  # mean pairwise similarity of noise differences
+        pa.field("n_retained", pa.int32()),
+        pa.field("memorized", pa.bool_()),
+        pa.field("initial_score", pa.float32()),  # s(B) of the initial selection
+        pa.field("refined_score", pa.float32()),  # s(B) of the refined set
+        pa.field("theta", pa.float32()),
+        pa.field("k", pa.int32()),
+        pa.field("n_initial", pa.int32()),
+        pa.field("n_refined", pa.int32()),
+        pa.field("criterion_reached", pa.bool_()),  # refined s(B) <= threshold
+        pa.field("unet_calls", pa.int64()),  # sequential UNet calls spent on this prompt
+        pa.field("message", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 RUNS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -212,6 +253,8 @@ _FIXED = {
     "pair_scores": PAIR_SCORES,
     "labels": LABELS,
     "neurons": NEURONS,
+    "neuron_stats": NEURON_STATS,
+    "nemo_prompts": NEMO_PROMPTS,
     "runs": RUNS,
     "errors": ERRORS,
 }
