@@ -210,6 +210,32 @@ def label_cmd(
         typer.echo(f"labels (most-severe): {format_distribution(dist)}")
 
 
+class PromptEmbedding(str, Enum):
+    text_encoder = "text_encoder"
+    open_clip = "open_clip"
+
+
+@app.command("cluster")
+def cluster_cmd(
+    db: str = DbOpt,
+    k: Optional[int] = typer.Option(None, "--k", help="Number of clusters (default 12)."),
+    embedding: Optional[PromptEmbedding] = typer.Option(None, help="text_encoder (the model's, default) or open_clip."),
+    where: Optional[str] = typer.Option(None, help="Only prompts matching this filter, e.g. \"mem_type IS NOT NULL\"."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """KMeans clusters of prompts (SPEC 5); cluster_id on each prompt, silhouette in `runs`."""
+    from fbmem.jobs.cluster_job import run_cluster
+    from fbmem.jobs.run_record import RunRecord
+
+    cfg = _config(preset, config, set_, {"cluster.k": k, "cluster.embedding": embedding.value if embedding else None})
+    database = _db(db, cfg)
+    with RunRecord(database, "cluster", cfg, args={"where": where}) as run:
+        out = run_cluster(database, cfg, run=run, where=where)
+        typer.echo(f"silhouette={out['silhouette']:.4f} cluster sizes={out['sizes']}")
+
+
 @app.command("tables")
 def tables_cmd(
     db: str = DbOpt,

@@ -190,6 +190,7 @@ class ClusterConfig(_Strict):
     k: int = Field(12, ge=2)
     max_iter: int = Field(500, ge=1)
     random_state: int = 1
+    n_init: int = Field(10, ge=1)  # sklearn's default when the reference was written
     embedding: Literal["text_encoder", "open_clip"] = "text_encoder"
 
 

@@ -143,3 +143,27 @@ def load_pipeline(cfg: DiffusionConfig, device: torch.device, dtype: torch.dtype
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_text_encoder(cfg: DiffusionConfig, device: torch.device):
+    """(tokenizer, text encoder) of the audited model only: clustering and NeMo statistics need
+    the text side, not the UNet or the VAE."""
+    if cfg.tiny:
+        comps = build_tiny_components(cfg.seed)
+        return comps["tokenizer"], comps["text_encoder"].to(device)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", revision=cfg.revision)
+    enc = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", revision=cfg.revision, use_safetensors=True)
+    return tok, enc.to(device).eval()
+
+
+@torch.inference_mode()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Text-encoder last hidden states [N, T, D], padded to the model's max length (as SD does)."""
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        tok = tokenizer(prompts[i : i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        outs.append(text_encoder(tok.input_ids.to(device))[0].float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)

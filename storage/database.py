@@ -154,7 +154,7 @@ class Database:
                     tbl.merge_insert(keys if len(keys) > 1 else keys[0])
                     .when_matched_update_all()
                     .when_not_matched_insert_all()
-                    .execute(data)
+                    .execute(data, on_bad_vectors="null")
                 )
                 return data.num_rows
             except Exception as exc:  # Lance raises plain OSError/RuntimeError subclasses
