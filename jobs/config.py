@@ -298,8 +298,7 @@ def load_config(
         data = _deep_merge(data, _read_yaml(p.read_text(), str(p)))
         where = str(p)
     for dotted, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(data, dotted, value)
+        set_dotted(data, dotted, value)  # None is a value too (e.g. --set models.clip.pretrained=null)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
