@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fbmem-installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv browser test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The report test renders the HTML report in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install Debian's chromium (apt-get install chromium) for the report test"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q --timeout=1800
 
 test-fast: $(STAMP)

@@ -236,6 +236,71 @@ def cluster_cmd(
         typer.echo(f"silhouette={out['silhouette']:.4f} cluster sizes={out['sizes']}")
 
 
+class Mitigation(str, Enum):
+    none = "none"
+    nemo = "nemo"
+    nemo_c = "nemo-c"
+
+
+@app.command("generate")
+def generate_cmd(
+    db: str = DbOpt,
+    n: Optional[int] = typer.Option(None, "--n", help="Samples per prompt (default generation.n = 5)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Filter on the prompts table, e.g. \"planted = 'VM'\"."),
+    mitigation: Mitigation = typer.Option(Mitigation.none, help="none, or regenerate with NeMo / NeMo-C neurons off."),
+    alpha: Optional[float] = typer.Option(None, help="Deactivation scale (0 = off, 0<a<1 dampening; default nemo.alpha)."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Generate N seeded samples per prompt (DDIM) with embeddings and masks into `generations`."""
+    from fbmem.jobs.generate_job import run_generate
+    from fbmem.jobs.ray_session import ensure_ray
+    from fbmem.jobs.run_record import RunRecord
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    ensure_ray(cfg)
+    neurons = None
+    if mitigation is not Mitigation.none:
+        from fbmem.jobs.mitigate_job import neurons_for_method
+
+        neurons = neurons_for_method(database, cfg, mitigation.value)
+    with RunRecord(database, "generate", cfg, args={"n": n, "prompts": prompts, "mitigation": mitigation.value}) as run:
+        run_generate(database, cfg, run=run, n=n, prompt_filter=prompts, mitigation=mitigation.value,
+                     alpha=alpha if mitigation is not Mitigation.none else None, neurons_by_prompt=neurons)
+
+
+class Method(str, Enum):
+    nemo = "nemo"
+    nemo_c = "nemo-c"
+
+
+@app.command("mitigate")
+def mitigate_cmd(
+    db: str = DbOpt,
+    method: Method = typer.Option(Method.nemo_c, help="nemo: each prompt's own neurons; nemo-c: the cluster's union."),
+    alpha: Optional[float] = typer.Option(None, help="0 = off (default), 0<a<1 dampening."),
+    n: Optional[int] = typer.Option(None, "--n", help="Samples per prompt (default generation.n)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Extra filter on the prompts table."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """NeMo / NeMo-C: regenerate with neurons off (same seeds), relabel, print the mitigation score."""
+    from fbmem.jobs.mitigate_job import run_mitigate
+    from fbmem.jobs.ray_session import ensure_ray
+    from fbmem.jobs.run_record import RunRecord
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    ensure_ray(cfg)
+    with RunRecord(database, "mitigate", cfg, args={"method": method.value, "alpha": alpha}) as run:
+        out = run_mitigate(database, cfg, method=method.value, run=run, alpha=alpha, n=n, prompt_filter=prompts)
+        typer.echo(f"{method.value}: mitigation score={out['score']:.4f} over {out['pairs']} pairs; "
+                   f"VM before={out['vm_before']} after={out['vm_after']}")
+
+
 @app.command("tables")
 def tables_cmd(
     db: str = DbOpt,

@@ -1,0 +1,122 @@
+"""`fbmem mitigate`: NeMo and NeMo-C (SPEC section 7) and the mitigation score (section 8).
+
+NeMo deactivates each prompt's own refined neurons; NeMo-C takes, per cluster and per layer,
+the union of the refined neurons of the cluster's prompts and deactivates that union for every
+prompt of the cluster (a prompt NeMo never localized still benefits from its neighbours). The
+images are generated again with the same (prompt, seed, sample), labelled with FB-Mem, and the
+before/after label pairs give the mitigation score.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+
+import pyarrow as pa
+
+from fbmem.jobs.config import Config
+from fbmem.jobs.mitigation_score import mitigation_score
+from fbmem.jobs.run_record import RunRecord
+from fbmem.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+NeuronSets = dict[str, dict[int, list[int]]]
+
+
+def union_by_cluster(refined: dict[str, dict[int, list[int]]], clusters: dict[str, int | None]) -> dict[int, dict[int, list[int]]]:
+    """Per cluster, per layer: the sorted union of the refined neurons of its prompts (pure)."""
+    out: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for prompt_id, layers in refined.items():
+        cluster = clusters.get(prompt_id)
+        if cluster is None:
+            continue
+        for layer, neurons in layers.items():
+            out[cluster][int(layer)].update(int(n) for n in neurons)
+    return {c: {l: sorted(ns) for l, ns in sorted(layers.items())} for c, layers in sorted(out.items())}
+
+
+def refined_sets(db: Database, model_id: str) -> NeuronSets:
+    """Per prompt, per layer: the refined neurons NeMo localized for this model."""
+    if not db.has_table("neurons"):
+        return {}
+    mid = model_id.replace("'", "''")
+    rows = db.read("neurons", ["prompt_id", "layer_idx", "neurons"],
+                   where=f"scope = 'prompt' AND kind = 'refined' AND model_id = '{mid}'").to_pylist()
+    out: NeuronSets = defaultdict(dict)
+    for r in rows:
+        out[r["prompt_id"]][int(r["layer_idx"])] = list(r["neurons"] or [])
+    return dict(out)
+
+
+def neurons_for_method(db: Database, cfg: Config, method: str, run_id: str | None = None) -> NeuronSets:
+    """Neurons to deactivate per prompt for `method` (nemo | nemo-c); stores NeMo-C unions."""
+    model_id = cfg.models.diffusion.model_id
+    refined = refined_sets(db, model_id)
+    if not refined:
+        raise ValueError("no refined neurons in the `neurons` table for this model: run `fbmem nemo localize` first")
+    if method == "nemo":
+        return refined
+    if method != "nemo-c":
+        raise ValueError(f"unknown mitigation method {method!r}: nemo or nemo-c")
+    prompts = db.read("prompts", ["prompt_id", "cluster_id"]).to_pylist()
+    clusters = {p["prompt_id"]: p["cluster_id"] for p in prompts}
+    unclustered = [p for p in refined if clusters.get(p) is None]
+    if unclustered:
+        raise ValueError(f"{len(unclustered)} localized prompts have no cluster_id: run `fbmem cluster` first")
+    unions = union_by_cluster(refined, clusters)
+    if run_id is not None:
+        rows = [
+            {"neuron_set_id": hashlib.sha256(f"{model_id}|cluster|{c}|{layer}".encode()).hexdigest(),
+             "scope": "cluster", "cluster_id": c, "kind": "union", "layer_idx": layer,
+             "module": f"layer{layer}", "neurons": ns, "model_id": model_id, "run_id": run_id}
+            for c, layers in unions.items() for layer, ns in layers.items()
+        ]
+        if rows:
+            db.upsert("neurons", pa.Table.from_pylist(rows))
+    return {p: unions[c] for p, c in clusters.items() if c in unions}
+
+
+def score_method(db: Database, method: str) -> dict:
+    """Mitigation score of `method` over (prompt, seed, sample) pairs labelled before and after."""
+    from fbmem.storage.sql import run_query
+
+    rows = run_query(db, """
+        WITH cur AS (
+            SELECT * FROM labels WHERE rule = 'most-severe'
+            QUALIFY row_number() OVER (PARTITION BY generation_id ORDER BY labelled_at DESC, label_id) = 1
+        ), lab AS (
+            SELECT g.prompt_id, g.seed, g.sample, g.model_id, g.mitigation, c.label
+            FROM generations g JOIN cur c USING (generation_id)
+        )
+        SELECT b.label AS before, a.label AS after
+        FROM lab b JOIN lab a USING (prompt_id, seed, sample, model_id)
+        WHERE b.mitigation = 'none' AND a.mitigation = $m
+    """, {"m": method}).to_pylist()
+    before = [r["before"] for r in rows]
+    after = [r["after"] for r in rows]
+    return {"pairs": len(rows), "score": mitigation_score(before, after),
+            "vm_before": before.count("VM"), "vm_after": after.count("VM")}
+
+
+def run_mitigate(db: Database, cfg: Config, *, method: str, run: RunRecord, alpha: float | None = None,
+                 n: int | None = None, prompt_filter: str | None = None) -> dict:
+    """Regenerate with `method`'s neurons off (same seeds), label, and score the transitions."""
+    from fbmem.jobs.generate_job import run_generate
+    from fbmem.jobs.label_job import run_label_job
+
+    neurons = neurons_for_method(db, cfg, method, run_id=run.run_id)
+    ids = sorted(neurons)
+    where = f"prompt_id IN ({', '.join(repr(i) for i in ids)})"
+    if prompt_filter:
+        where = f"({where}) AND ({prompt_filter})"
+    counts = run_generate(db, cfg, run=run, n=n, prompt_filter=where, mitigation=method, alpha=alpha,
+                          neurons_by_prompt=neurons)
+    label_run = RunRecord(db, "label", cfg, args={"where": f"mitigation = '{method}'"})
+    with label_run:
+        run_label_job(db, cfg, run=label_run, where=f"mitigation = '{method}'")
+    result = score_method(db, method)
+    run.metrics.update(method=method, prompts=len(ids), mitigation_score=round(result["score"], 4),
+                       vm_before=result["vm_before"], vm_after=result["vm_after"], pairs=result["pairs"])
+    log.info("%s: %s", method, result)
+    return {**result, "generated": counts.written}
