@@ -1,5 +1,5 @@
--- Mitigation score (SPEC section 8) per method, overall (cluster_id NULL) and per prompt
--- cluster: each (prompt, seed, sample) generated before (mitigation 'none') and after a
+-- Mitigation score (SPEC section 8) per method, overall (level 'overall') and per prompt
+-- cluster (level 'cluster'; cluster_id NULL there = prompts never clustered): each (prompt, seed, sample) generated before (mitigation 'none') and after a
 -- mitigation contributes the weight of its label transition (rows before, columns after):
 --          VM    BM    FM    NM
 --   VM      0   1.5   0.5    2
@@ -41,6 +41,7 @@ weighted AS (
 )
 SELECT
     method,
+    CASE WHEN GROUPING(cluster_id) = 1 THEN 'overall' ELSE 'cluster' END AS level,
     cluster_id,
     count(*) AS pairs,
     round(avg(weight), 4) AS mitigation_score,
@@ -64,4 +65,4 @@ SELECT
     count(*) FILTER (WHERE before = 'NM' AND after = 'NM') AS nm_to_nm
 FROM weighted
 GROUP BY GROUPING SETS ((method), (method, cluster_id))
-ORDER BY method, cluster_id NULLS FIRST;
+ORDER BY method, level DESC, cluster_id NULLS FIRST;

@@ -30,13 +30,30 @@ def duckdb_connection(db: Database) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def named_sql_dir() -> Path:
+    """The folder of the named queries (the repository's `sql/`, installed as `fbmem.sql`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fbmem.sql")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the named queries (package fbmem.sql) are not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def load_query(text_or_path: str) -> str:
-    """A SQL string, or the contents of a `.sql` file (e.g. `sql/label_distribution.sql`)."""
-    p = Path(text_or_path)
-    if text_or_path.strip().lower().endswith(".sql"):
+    """A SQL string, a `.sql` file, or the name of a named query (e.g. `label_distribution`)."""
+    stripped = text_or_path.strip()
+    if stripped.lower().endswith(".sql"):
+        p = Path(stripped)
         if not p.is_file():
             raise FileNotFoundError(f"SQL file not found: {p}")
         return p.read_text()
+    if re.fullmatch(r"[A-Za-z_]\w*", stripped):
+        p = named_sql_dir() / f"{stripped}.sql"
+        if p.is_file():
+            return p.read_text()
+        names = sorted(q.stem for q in named_sql_dir().glob("*.sql"))
+        raise FileNotFoundError(f"no named query {stripped!r}; named queries: {', '.join(names)}")
     return text_or_path
 
 

@@ -76,7 +76,7 @@ def test_sql_twin_matches_python(tmp_path):
     text = load_query(str(SQL))
     rows = run_query(db, text, query_params(text, {})).to_pylist()
     for r in rows:
-        if r["cluster_id"] is None:
+        if r["level"] == "overall":
             b, a = expected[r["method"]]
         else:
             b, a = per_cluster[(r["method"], r["cluster_id"])]
@@ -85,4 +85,5 @@ def test_sql_twin_matches_python(tmp_path):
         m = transition_matrix(b, a)
         assert r["vm_to_nm"] == m[0][3] and r["nm_to_vm"] == m[3][0] and r["fm_to_bm"] == m[2][1]
         assert r["vm_before"] == b.count("VM") and r["vm_after"] == a.count("VM")
-    assert {(r["method"], r["cluster_id"]) for r in rows} == {(m, c) for m in ("nemo", "nemo-c") for c in (None, 0, 1)}
+    assert {(r["method"], r["level"], r["cluster_id"]) for r in rows} == {
+        (m, lvl, c) for m in ("nemo", "nemo-c") for lvl, c in (("overall", None), ("cluster", 0), ("cluster", 1))}

@@ -125,5 +125,8 @@ def test_load_query_reads_sql_files(tmp_path):
     f.write_text("SELECT 1")
     assert load_query(str(f)) == "SELECT 1"
     assert load_query("SELECT 2") == "SELECT 2"
+    assert "label" in load_query("label_distribution")  # a named query by name
+    with pytest.raises(FileNotFoundError, match="named queries: .*one_to_many"):
+        load_query("no_such_query")
     with pytest.raises(FileNotFoundError, match="missing.sql"):
         load_query(str(tmp_path / "missing.sql"))
