@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 ingest_app = typer.Typer(help="Ingest training images, generations or prompts.", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+nemo_app = typer.Typer(help="NeMo: neuron statistics, memorization detection, neuron localization.", no_args_is_help=True)
+app.add_typer(nemo_app, name="nemo")
+
+ORDINARY_PROMPTS = "mem_type IS NULL AND (planted IS NULL OR planted = 'NM')"
 
 log = logging.getLogger("fbmem")
 
@@ -301,6 +305,103 @@ def mitigate_cmd(
                    f"VM before={out['vm_before']} after={out['vm_after']}")
 
 
+@app.command("report")
+def report_cmd(
+    db: str = DbOpt,
+    out: Path = typer.Option(Path("fbmem-report"), help="Folder for index.html and its images."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """A static HTML report (opens offline): runs, labels, one-to-many, mitigation, NeMo, gallery."""
+    from fbmem.jobs.report import write_report
+
+    cfg = _config(preset, config, set_)
+    index = write_report(_db(db, cfg), out, nemo_threshold=cfg.nemo.threshold)
+    typer.echo(f"report: {index}")
+
+
+def _load_pipe(cfg: Config):
+    from fbmem.pipelines.devices import pick_device
+    from fbmem.pipelines.diffusion_models import load_pipeline, resolve_dtype
+
+    device = pick_device(cfg.resources.device)
+    return load_pipeline(cfg.models.diffusion, device, resolve_dtype(cfg.generation.dtype, device))
+
+
+@nemo_app.command("stats")
+def nemo_stats_cmd(
+    db: str = DbOpt,
+    prompts: str = typer.Option(ORDINARY_PROMPTS, "--prompts", help="Filter on the prompts table: the ordinary prompts."),
+    from_csv: Optional[Path] = typer.Option(None, help="Import statistics in the SD 1.4 reference CSV format instead."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Per-neuron mean/std of |to_v| activations over ordinary prompts (or import the SD 1.4 file)."""
+    from fbmem.jobs.nemo_job import import_stats_csv, prompt_set_source, run_stats
+    from fbmem.jobs.run_record import RunRecord
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    pipe = _load_pipe(cfg)
+    with RunRecord(database, "nemo-stats", cfg, args={"prompts": prompts, "from_csv": str(from_csv) if from_csv else None}) as run:
+        if from_csv is not None:
+            import_stats_csv(database, from_csv, cfg.models.diffusion.model_id, run, unet=pipe.unet)
+        else:
+            texts = database.read("prompts", ["text"], where=prompts).column(0).to_pylist()
+            if len(texts) < 2:
+                raise ConfigError(f"need at least 2 prompts matching {prompts!r} for statistics, found {len(texts)}")
+            run_stats(database, cfg, pipe, texts, source=prompt_set_source(texts), run=run)
+
+
+@nemo_app.command("detect")
+def nemo_detect_cmd(
+    db: str = DbOpt,
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Filter on the prompts table (default: all)."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Memorization detection from noise differences (SPEC 6); scores in `nemo_prompts`."""
+    from fbmem.jobs.nemo_job import run_detect
+    from fbmem.jobs.run_record import RunRecord
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    pipe = _load_pipe(cfg)
+    rows = database.read("prompts", ["prompt_id", "text"], where=prompts)
+    with RunRecord(database, "nemo-detect", cfg, args={"prompts": prompts}) as run:
+        memorized = run_detect(database, cfg, pipe, rows, run)
+        typer.echo(f"memorized: {memorized} of {rows.num_rows} prompts")
+
+
+@nemo_app.command("localize")
+def nemo_localize_cmd(
+    db: str = DbOpt,
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Filter on the prompts table (default: all)."),
+    sequential: bool = typer.Option(False, help="The reference's one-candidate-per-UNet-call search (same sets, slower on GPU)."),
+    all_prompts: bool = typer.Option(False, "--all", help="Localize every prompt, not only those detected as memorized."),
+    stats_source: Optional[str] = typer.Option(None, help="Which stored statistics to use when several exist."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Neuron localization: initial selection and refinement (SPEC 6); sets in `neurons`."""
+    from fbmem.jobs.nemo_job import read_stats, run_localize
+    from fbmem.jobs.run_record import RunRecord
+
+    cfg = _config(preset, config, set_)
+    database = _db(db, cfg)
+    pipe = _load_pipe(cfg)
+    stats = read_stats(database, cfg.models.diffusion.model_id, stats_source)
+    rows = database.read("prompts", ["prompt_id", "text"], where=prompts)
+    with RunRecord(database, "nemo-localize", cfg, args={"prompts": prompts, "sequential": sequential}) as run:
+        out = run_localize(database, cfg, pipe, rows, stats, run, batched=not sequential, only_memorized=not all_prompts)
+        reached = sum(bool(r.get("criterion_reached")) for r in out)
+        typer.echo(f"localized {len(out)} prompts; NeMo criterion reached for {reached}")
+
+
 @app.command("tables")
 def tables_cmd(
     db: str = DbOpt,
@@ -321,7 +422,7 @@ def tables_cmd(
 
 @app.command("sql")
 def sql_cmd(
-    query: str = typer.Argument(..., help="A SQL string or a file such as sql/label_distribution.sql."),
+    query: str = typer.Argument(..., help="A SQL string, a .sql file, or a named query (e.g. one_to_many)."),
     db: str = DbOpt,
     fmt: OutFormat = typer.Option(OutFormat.table, "--format", help="Output format."),
     out: Optional[Path] = typer.Option(None, help="Write the result to this file (required for parquet)."),
