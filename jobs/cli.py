@@ -322,11 +322,9 @@ def report_cmd(
 
 
 def _load_pipe(cfg: Config):
-    from fbmem.pipelines.devices import pick_device
-    from fbmem.pipelines.diffusion_models import load_pipeline, resolve_dtype
+    from fbmem.pipelines.diffusion_models import load_audited_pipeline
 
-    device = pick_device(cfg.resources.device)
-    return load_pipeline(cfg.models.diffusion, device, resolve_dtype(cfg.generation.dtype, device))
+    return load_audited_pipeline(cfg)
 
 
 @nemo_app.command("stats")

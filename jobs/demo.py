@@ -1,9 +1,19 @@
-"""`fbmem demo`: the embedded default, offline, on one machine.
+"""`fbmem demo` (what `make demo` runs): the whole audit, offline, on a world where memorization
+is real and known.
 
-Builds the toy world (a deterministic corpus with planted memorization groups, see
-jobs/toy_corpus.py), ingests its training images and prompts with local Ray into a LanceDB folder,
-then prints what SQL says about the tables. Later stages (generation, FB-Mem labels, NeMo-C)
-extend this as they land; every stage is a rerun-safe job, so a second demo reuses what exists.
+1. the toy world: a deterministic corpus with planted VM / FM / BM / NM prompt groups
+   (jobs/toy_corpus.py), written as a folder source with exact masks;
+2. a tiny latent diffusion model trained on it here (jobs/toy_train.py), cached in the demo folder
+   and reused while corpus and settings match;
+3. the jobs, with local Ray and a LanceDB folder: ingest (CLIP embeddings; the corpus's exact masks
+   as given), prompts, clustering of the memorized prompts, generation of N seeded samples per
+   prompt, FB-Mem labels, NeMo statistics / detection / localization, NeMo and NeMo-C mitigation
+   with regeneration and relabelling, the mitigation scores, and the HTML report.
+Models: the trained toy diffusion model (its own text encoder is frozen and random, as SD's is
+frozen), a random-weight tiny CLIP for candidates (top-20 by cosine plus the prompt's linked image;
+on this corpus it gave the same labels as comparing with every training image, 10x faster) and the
+weight-free GrabCut foreground backend for generated images (SAM needs weights). Every stage is a
+rerun-safe job: a second demo reuses what it finds.
 """
 from __future__ import annotations
 
@@ -11,57 +21,179 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fbmem.jobs.config import Config
 from fbmem.jobs.ray_session import ensure_ray
 from fbmem.jobs.run_record import RunRecord
 from fbmem.jobs.sql_output import format_table
 from fbmem.jobs.toy_corpus import ToyCorpusSpec, build_corpus, write_corpus
-from fbmem.storage.database import connect
-from fbmem.storage.sql import run_query
+from fbmem.storage.database import Database, connect
+from fbmem.storage.sql import load_query, query_params, run_query
 
 log = logging.getLogger(__name__)
 
+MEMORIZED = "planted IN ('VM', 'FM', 'BM')"
+
 
 def build_world(out: Path, spec: ToyCorpusSpec):
-    """Write the toy corpus once; a marker file makes reruns skip it."""
+    """Write the toy corpus once; a marker file with the spec makes reruns skip it."""
     world = out / "world"
     marker = world / ".complete"
     corpus = build_corpus(spec)
-    if not marker.exists():
-        paths = write_corpus(corpus, world)
+    if not marker.exists() or marker.read_text() != repr(spec):
+        write_corpus(corpus, world)
         marker.write_text(repr(spec))
-    else:
-        paths = None
-    return world, corpus, paths
+    return world, corpus
+
+
+def demo_config(base: Config, model_dir: Path) -> Config:
+    """The demo's settings on top of the given (tiny) preset."""
+    data = base.model_dump()
+    data["models"]["diffusion"] = {"model": str(model_dir), "tiny": False, "seed": 0, "revision": None}
+    data["models"]["segmenter"]["backend"] = "grabcut"
+    data["candidates"].update(mode="ann", k=20)
+    # scoring is the demo's heaviest stage: one single-threaded actor per core
+    data["resources"]["score"].update(num_cpus=1.0, pool_size=2)
+    data["fbmem"]["image_size"] = 192
+    data["generation"].update(steps=50, guidance=6.0, size=64, n=5)
+    data["nemo"].update(refine_batch=8)
+    data["cluster"]["k"] = 4
+    return Config.model_validate(data)
+
+
+def _step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def _sql(db: Database, name: str, **params):
+    text = load_query(name)
+    return run_query(db, text, query_params(text, params))
+
+
+def label_shares_by_group(db: Database) -> str:
+    return format_table(run_query(db, """
+        WITH cur AS (
+            SELECT * FROM labels WHERE rule = 'most-severe'
+            QUALIFY row_number() OVER (PARTITION BY generation_id ORDER BY labelled_at DESC, label_id) = 1
+        )
+        SELECT p.planted, g.mitigation, count(*) AS generations,
+               round(avg((l.label = 'VM')::INT), 3) AS VM, round(avg((l.label = 'FM')::INT), 3) AS FM,
+               round(avg((l.label = 'BM')::INT), 3) AS BM, round(avg((l.label = 'NM')::INT), 3) AS NM
+        FROM cur l JOIN generations g USING (generation_id) JOIN prompts p ON p.prompt_id = g.prompt_id
+        GROUP BY ALL ORDER BY g.mitigation DESC, p.planted DESC"""))
+
+
+def detection_summary(db: Database) -> tuple[str, float]:
+    """Detection score per planted group, and the AUC of VM vs NM prompts."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = run_query(db, """
+        SELECT p.planted, n.detect_score, n.detect_mean, n.memorized
+        FROM nemo_prompts n JOIN prompts p USING (prompt_id)""").to_pylist()
+    vm = [r for r in rows if r["planted"] in ("VM", "NM")]
+    y = [r["planted"] == "VM" for r in vm]
+    auc = float(roc_auc_score(y, [r["detect_score"] for r in vm])) if 0 < sum(y) < len(y) else float("nan")
+    auc_mean = float(roc_auc_score(y, [r["detect_mean"] for r in vm])) if 0 < sum(y) < len(y) else float("nan")
+    table = format_table(run_query(db, """
+        SELECT p.planted, count(*) AS prompts, round(avg(n.detect_score), 3) AS mean_detect_score,
+               round(min(n.detect_score), 3) AS min_score, round(max(n.detect_score), 3) AS max_score,
+               round(avg(n.detect_mean), 3) AS mean_pairwise, sum(n.memorized::INT) AS detected
+        FROM nemo_prompts n JOIN prompts p USING (prompt_id) GROUP BY 1 ORDER BY 1 DESC"""))
+    return table + f"\nAUC VM vs NM: max-of-max score {auc:.3f}, mean pairwise score {auc_mean:.3f}", auc
 
 
 def run_demo(cfg: Config, out: Path) -> None:
-    t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = ToyCorpusSpec()
-    world, corpus, _ = build_world(out, spec)
-    print(f"toy world: {len(corpus.images)} training images, {len(corpus.prompts)} prompts in {world}")
-    db = connect(str(out / "db"), cfg.storage_options)
-    ensure_ray(cfg)
-
+    from fbmem.jobs.cluster_job import run_cluster
+    from fbmem.jobs.generate_job import run_generate
+    from fbmem.jobs.label_job import format_distribution, run_label_job
+    from fbmem.jobs.mitigate_job import run_mitigate
+    from fbmem.jobs.nemo_job import prompt_set_source, read_stats, run_localize, run_stats
+    from fbmem.jobs.report import write_report
+    from fbmem.jobs.toy_train import ToyTrainSpec, ensure_toy_model
     from fbmem.pipelines.ingest import ingest_images
     from fbmem.pipelines.prompt_ingest import ingest_prompts
 
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    _step("toy world")
+    world, corpus = build_world(out, ToyCorpusSpec())
+    print(f"{len(corpus.images)} training images, {len(corpus.prompts)} prompts "
+          f"(groups: {', '.join(f'{g} {sum(p.planted == g for p in corpus.prompts)}' for g in ('VM', 'FM', 'BM', 'NM'))})")
+
+    _step("toy diffusion model (trained here on the CPU; reused when cached)")
+    t = time.perf_counter()
+    model_dir = ensure_toy_model(out / "model", corpus, ToyTrainSpec())
+    print(f"model: {model_dir} ({time.perf_counter() - t:.0f} s)")
+
+    cfg = demo_config(cfg, model_dir)
+    db = connect(str(out / "db"), cfg.storage_options)
+    ensure_ray(cfg)
+
+    _step("ingest training images and prompts")
     with RunRecord(db, "ingest-training", cfg, args={"src": str(world / "images")}) as run:
         ingest_images(db, cfg, str(world / "images"), target="training", kind="folder", masks="lazy", run=run)
     with RunRecord(db, "ingest-prompts", cfg, args={"csv": str(world / "prompts.csv")}) as run:
         ingest_prompts(db, cfg, world / "prompts.csv", run=run)
 
-    print("\nTables:")
-    for name in ("training_images", "prompts", "errors", "runs"):
-        print(f"  {name:<16} {db.count(name)}")
-    print("\nPrompts per planted group (SQL):")
-    print(format_table(run_query(db, "SELECT planted, count(*) AS prompts FROM prompts GROUP BY planted ORDER BY planted")))
-    print("\nTraining images by mask source and foreground size (SQL):")
-    print(format_table(run_query(
-        db,
-        "SELECT mask_model, count(*) AS images, round(avg(fg_fraction), 3) AS mean_fg_fraction "
-        "FROM training_images GROUP BY mask_model ORDER BY mask_model",
-    )))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; database: {out / 'db'}")
+    _step("cluster the memorized prompts (NeMo-C)")
+    with RunRecord(db, "cluster", cfg, args={"where": MEMORIZED}) as run:
+        res = run_cluster(db, cfg, run=run, where=MEMORIZED)
+    print(f"silhouette {res['silhouette']:.3f}, cluster sizes {res['sizes']}")
+
+    _step(f"generate {cfg.generation.n} samples per prompt")
+    with RunRecord(db, "generate", cfg, args={"n": cfg.generation.n}) as run:
+        run_generate(db, cfg, run=run)
+
+    _step("FB-Mem labels")
+    with RunRecord(db, "label", cfg, args={"where": "mitigation = 'none'"}) as run:
+        dist = run_label_job(db, cfg, run=run, where="mitigation = 'none'")
+    print(f"labels: {format_distribution(dist)}")
+
+    _step("NeMo: statistics, detection, localization")
+    from fbmem.pipelines.diffusion_models import load_audited_pipeline
+
+    pipe = load_audited_pipeline(cfg)
+    model_id = cfg.models.diffusion.model_id
+    ordinary = db.read("prompts", ["text"], where="planted = 'NM'").column(0).to_pylist()
+    source = prompt_set_source(ordinary)
+    have = db.count("neuron_stats", f"model_id = '{model_id}' AND stats_source = '{source}'")
+    with RunRecord(db, "nemo-stats", cfg, args={"prompts": "planted = 'NM'"}) as run:
+        if not have:
+            run_stats(db, cfg, pipe, ordinary, source=source, run=run)
+    stats = read_stats(db, model_id, source)
+    prompts = db.read("prompts", ["prompt_id", "text"])
+    with RunRecord(db, "nemo-localize", cfg, args={"prompts": "all"}) as run:
+        nemo_rows = run_localize(db, cfg, pipe, prompts, stats, run, batched=True, only_memorized=True)
+    table, auc = detection_summary(db)
+    print(table)
+    localized = [r for r in nemo_rows if r.get("n_initial") is not None]
+    reached = sum(bool(r.get("criterion_reached")) for r in localized)
+    print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
+          f"not reached (search gave up, set kept) for {len(localized) - reached}")
+
+    results = {}
+    for method in ("nemo", "nemo-c"):
+        _step(f"mitigation: {method}")
+        with RunRecord(db, "mitigate", cfg, args={"method": method}) as run:
+            try:
+                results[method] = run_mitigate(db, cfg, method=method, run=run)
+            except ValueError as exc:  # e.g. nothing localized: say so, keep going
+                print(f"{method}: not run: {exc}")
+                continue
+        r = results[method]
+        print(f"{method}: mitigation score {r['score']:.3f} over {r['pairs']} pairs; "
+              f"VM before {r['vm_before']}, after {r['vm_after']}")
+
+    _step("label shares per planted group (before and after mitigation)")
+    print(label_shares_by_group(db))
+    _step("one-to-many: distinct training images matched per prompt (top 8)")
+    print(format_table(_sql(db, "one_to_many").slice(0, 8).select(
+        ["prompt", "planted", "generations", "distinct_vm_images", "distinct_fm_images", "distinct_bm_images"])))
+
+    _step("report")
+    index = write_report(db, out / "report", title="fbmem demo: toy world", nemo_threshold=cfg.nemo.threshold)
+    print(f"report: {index}")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; database: {out / 'db'}")

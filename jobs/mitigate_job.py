@@ -62,8 +62,10 @@ def neurons_for_method(db: Database, cfg: Config, method: str, run_id: str | Non
     prompts = db.read("prompts", ["prompt_id", "cluster_id"]).to_pylist()
     clusters = {p["prompt_id"]: p["cluster_id"] for p in prompts}
     unclustered = [p for p in refined if clusters.get(p) is None]
+    if len(unclustered) == len(refined):
+        raise ValueError("no localized prompt has a cluster_id: run `fbmem cluster` first")
     if unclustered:
-        raise ValueError(f"{len(unclustered)} localized prompts have no cluster_id: run `fbmem cluster` first")
+        log.warning("%d localized prompts have no cluster and are left out of NeMo-C", len(unclustered))
     unions = union_by_cluster(refined, clusters)
     if run_id is not None:
         rows = [

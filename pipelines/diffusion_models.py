@@ -136,7 +136,7 @@ def load_pipeline(cfg: DiffusionConfig, device: torch.device, dtype: torch.dtype
         pipe = assemble_pipeline(build_tiny_components(cfg.seed))
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
-            cfg.model, revision=cfg.revision, torch_dtype=dtype, use_safetensors=True,
+            cfg.model, revision=cfg.revision, dtype=dtype, use_safetensors=True,
             safety_checker=None, requires_safety_checker=False,
         )
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -167,3 +167,12 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.de
                         truncation=True, return_tensors="pt")
         outs.append(text_encoder(tok.input_ids.to(device))[0].float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def load_audited_pipeline(cfg):
+    """The configured model on the configured device (fp16 on GPU, fp32 on CPU): the one loader
+    that CLI commands and the demo share. `cfg` is the whole fbmem Config."""
+    from fbmem.pipelines.devices import pick_device
+
+    device = pick_device(cfg.resources.device)
+    return load_pipeline(cfg.models.diffusion, device, resolve_dtype(cfg.generation.dtype, device))
