@@ -27,6 +27,10 @@ import ray.data
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_SUFFIX = ".mask.png"  # NAME.mask.png: a precomputed foreground mask for NAME.<ext>
 CAPTION_SUFFIX = ".txt"
+# Source tasks read files and parse small sidecars: I/O-bound, so they reserve a quarter core and
+# leave the CPUs to the model actors (a fixed-size actor pool that cannot get its CPUs would wait
+# forever behind them on a small machine).
+SOURCE_TASK_CPUS = 0.25
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 
 SOURCE_SCHEMA = pa.schema(
@@ -170,7 +174,7 @@ def _folder_dataset(listing: FolderListing, rows_per_block: int) -> ray.data.Dat
             )
         )
     ds = ray.data.from_arrow(blocks)
-    return ds.map_batches(_read_captions, batch_format="pyarrow", batch_size=None)
+    return ds.map_batches(_read_captions, batch_format="pyarrow", batch_size=None, num_cpus=SOURCE_TASK_CPUS)
 
 
 def folder_source(path: str | Path, *, rows_per_block: int = 1000) -> ray.data.Dataset:
@@ -270,6 +274,7 @@ def manifest_source(path: str | Path, *, generations: bool = False) -> ray.data.
         _manifest_to_rows,
         batch_format="pyarrow",
         fn_kwargs={"base": base, "generations": generations},
+        num_cpus=SOURCE_TASK_CPUS,
     )
 
 
@@ -391,7 +396,7 @@ def webdataset_source(paths: str | Path | Sequence[str | Path]) -> ray.data.Data
     if not shards:
         raise ValueError(f"no .tar shards found in {paths}")
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    return ds.map_batches(_read_shards, batch_format="pyarrow", batch_size=1)
+    return ds.map_batches(_read_shards, batch_format="pyarrow", batch_size=1, num_cpus=SOURCE_TASK_CPUS)
 
 
 # -------------------------------------------------------------------------------------------- dispatch
