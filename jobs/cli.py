@@ -17,7 +17,11 @@ from typing import Optional
 import typer
 import yaml
 
-from fbmem.jobs.config import Config, ConfigError, load_config
+# Before torch is imported anywhere: torch's busy-waiting OpenMP threads slow 10-30x when another
+# process holds a core (Ray actors, a second job).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fbmem.jobs.config import Config, ConfigError, load_config  # noqa: E402
 
 app = typer.Typer(
     help="fbmem: audit text-to-image diffusion models for foreground/background memorization "
@@ -28,6 +32,8 @@ app = typer.Typer(
 )
 ingest_app = typer.Typer(help="Ingest training images, generations or prompts.", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
+toy_app = typer.Typer(help="The toy world: a small diffusion model that memorizes planted groups.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
 nemo_app = typer.Typer(help="NeMo: neuron statistics, memorization detection, neuron localization.", no_args_is_help=True)
 app.add_typer(nemo_app, name="nemo")
 
@@ -398,6 +404,29 @@ def nemo_localize_cmd(
         out = run_localize(database, cfg, pipe, rows, stats, run, batched=not sequential, only_memorized=not all_prompts)
         reached = sum(bool(r.get("criterion_reached")) for r in out)
         typer.echo(f"localized {len(out)} prompts; NeMo criterion reached for {reached}")
+
+
+@toy_app.command("train")
+def toy_train_cmd(
+    out: Path = typer.Option(Path("fbmem-demo"), help="Demo folder: the corpus goes to OUT/world, the model to OUT/model."),
+    check: bool = typer.Option(True, help="Generate for every prompt and print how much it memorized."),
+) -> None:
+    """Train (or reuse) the toy latent diffusion model on the toy corpus, on the CPU."""
+    from fbmem.jobs.demo import build_world
+    from fbmem.jobs.toy_corpus import ToyCorpusSpec
+    from fbmem.jobs.toy_train import ToyTrainSpec, ensure_toy_model, format_memorization, memorization_check
+
+    _, corpus = build_world(out, ToyCorpusSpec())
+    model_dir = ensure_toy_model(out / "model", corpus, ToyTrainSpec())
+    typer.echo(f"toy model: {model_dir}")
+    if check:
+        import torch
+
+        from fbmem.jobs.config import DiffusionConfig
+        from fbmem.pipelines.diffusion_models import load_pipeline
+
+        pipe = load_pipeline(DiffusionConfig(model=str(model_dir)), torch.device("cpu"), torch.float32)
+        typer.echo(format_memorization(memorization_check(pipe, corpus)))
 
 
 @app.command("tables")
