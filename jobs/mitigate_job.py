@@ -15,7 +15,6 @@ from collections import defaultdict
 import pyarrow as pa
 
 from fbmem.jobs.config import Config
-from fbmem.jobs.mitigation_score import mitigation_score
 from fbmem.jobs.run_record import RunRecord
 from fbmem.storage.database import Database
 
@@ -80,25 +79,18 @@ def neurons_for_method(db: Database, cfg: Config, method: str, run_id: str | Non
 
 
 def score_method(db: Database, method: str) -> dict:
-    """Mitigation score of `method` over (prompt, seed, sample) pairs labelled before and after."""
-    from fbmem.storage.sql import run_query
+    """The overall row of sql/mitigation_score.sql for `method` (one place for the pairing and
+    the weights; jobs/mitigation_score.py is its tested Python twin)."""
+    from fbmem.storage.sql import load_query, query_params, run_query
 
-    rows = run_query(db, """
-        WITH cur AS (
-            SELECT * FROM labels WHERE rule = 'most-severe'
-            QUALIFY row_number() OVER (PARTITION BY generation_id ORDER BY labelled_at DESC, label_id) = 1
-        ), lab AS (
-            SELECT g.prompt_id, g.seed, g.sample, g.model_id, g.mitigation, c.label
-            FROM generations g JOIN cur c USING (generation_id)
-        )
-        SELECT b.label AS before, a.label AS after
-        FROM lab b JOIN lab a USING (prompt_id, seed, sample, model_id)
-        WHERE b.mitigation = 'none' AND a.mitigation = $m
-    """, {"m": method}).to_pylist()
-    before = [r["before"] for r in rows]
-    after = [r["after"] for r in rows]
-    return {"pairs": len(rows), "score": mitigation_score(before, after),
-            "vm_before": before.count("VM"), "vm_after": after.count("VM")}
+    text = load_query("mitigation_score")
+    rows = [r for r in run_query(db, text, query_params(text, {})).to_pylist()
+            if r["method"] == method and r["level"] == "overall"]
+    if not rows:
+        return {"pairs": 0, "score": float("nan"), "vm_before": 0, "vm_after": 0}
+    r = rows[0]
+    return {"pairs": r["pairs"], "score": float(r["mitigation_score"]),
+            "vm_before": r["vm_before"], "vm_after": r["vm_after"]}
 
 
 def run_mitigate(db: Database, cfg: Config, *, method: str, run: RunRecord, alpha: float | None = None,

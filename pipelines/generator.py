@@ -31,30 +31,6 @@ from fbmem.jobs.config import Config
 
 MITIGATIONS = ("none", "nemo", "nemo-c")
 
-# What the Generator returns: its input recipe columns plus the image and the ids. One explicit
-# schema so batches with only error rows (all-null image columns) concatenate with good ones.
-GENERATED_SCHEMA = pa.schema(
-    [
-        ("generation_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("sample", pa.int32()),
-        ("mitigation", pa.string()),
-        ("alpha", pa.float32()),
-        ("neurons_json", pa.string()),
-        ("model_id", pa.string()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float32()),
-        ("size", pa.int32()),
-        ("image_bytes", pa.binary()),
-        ("image_id", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("error", pa.string()),
-    ]
-)
-
 # The recipe columns a Generator reads (what `jobs/generate_job.py` plans).
 RECIPE_SCHEMA = pa.schema(
     [
@@ -65,6 +41,24 @@ RECIPE_SCHEMA = pa.schema(
         ("mitigation", pa.string()),
         ("alpha", pa.float32()),
         ("neurons_json", pa.string()),
+    ]
+)
+
+# What the Generator returns: its input recipe columns plus the image and the ids. One explicit
+# schema so batches with only error rows (all-null image columns) concatenate with good ones.
+GENERATED_SCHEMA = pa.schema(
+    [("generation_id", pa.string())]
+    + list(RECIPE_SCHEMA)
+    + [
+        ("model_id", pa.string()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float32()),
+        ("size", pa.int32()),
+        ("image_bytes", pa.binary()),
+        ("image_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("error", pa.string()),
     ]
 )
 
