@@ -6,10 +6,12 @@ Two pair layouts, both metrics:
   layout: a generation's views and statistics are computed once per chunk, not per candidate).
 The loop's cost does not depend on the layout. Checks that batched and loop scores agree.
 
-On the CPU the batched scorer takes as many pairs per call as fit in CPU_BLOCK_BYTES (1 pair at
-512 px: see region_similarity.CPU_BLOCK_BYTES for why); the header prints it. glibc's allocator
-settings change both sides' speed (page faults), so the header prints any MALLOC_* variables set:
-compare e.g. `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296` with the default.
+On the CPU the batched scorer takes as many pairs per call as fit in its CPU block. Like the label
+job's scoring actors, the bench first makes the process keep freed memory
+(jobs/cpu_allocator.py), which lets a call hold the whole chunk; that setting is process-wide, so
+the per-pair loop gets it too and the ratio is about batching alone. `--default-allocator` skips
+it (1 pair per call at 512 px, see region_similarity.CPU_BLOCK_BYTES); MALLOC_* variables set in
+the environment are printed in the header.
 
 Usage: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/score.py [--size 512] [--pairs 32] [--threads N]
 """
@@ -25,7 +27,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fbmem.jobs.region_similarity import CPU_BLOCK_BYTES, score_pair_loop, score_pairs  # noqa: E402
+from fbmem.jobs.cpu_allocator import retain_freed_memory  # noqa: E402
+from fbmem.jobs.region_similarity import default_cpu_block_bytes, score_pair_loop, score_pairs  # noqa: E402
 
 
 def smooth_images(n: int, size: int, gen: torch.Generator, channels: int = 3) -> torch.Tensor:
@@ -73,7 +76,10 @@ def main() -> None:
     ap.add_argument("--metrics", default="region,masked-view")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the fastest of each side counts")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc returning freed memory to the OS (1 pair per CPU call)")
     args = ap.parse_args()
+    retained = False if args.default_allocator else retain_freed_memory()
     torch.set_num_threads(args.threads)
     print(f"size={args.size} pairs={args.pairs} candidates/gen={args.candidates} chunk={args.chunk_size} "
           f"threads={torch.get_num_threads()} device={args.device} torch={torch.__version__} "
@@ -81,8 +87,9 @@ def main() -> None:
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     per_call = args.chunk_size
     if args.device == "cpu":
-        per_call = max(1, min(args.chunk_size, CPU_BLOCK_BYTES // (3 * 3 * args.size * args.size * 4)))
-    print(f"pairs per batched call: {per_call} (CPU_BLOCK_BYTES={CPU_BLOCK_BYTES}); malloc env: {malloc_env or 'default'}")
+        per_call = max(1, min(args.chunk_size, default_cpu_block_bytes() // (3 * 3 * args.size * args.size * 4)))
+    print(f"pairs per batched call: {per_call} (CPU block {default_cpu_block_bytes() >> 20} MB, freed memory "
+          f"{'retained' if retained else 'returned to the OS'}); malloc env: {malloc_env or 'default'}")
 
     n = args.pairs
     n_gen_c = max(1, n // args.candidates)

@@ -28,6 +28,7 @@ from fbmem.jobs.candidates import find_candidates, sql_list
 from fbmem.jobs.config import Config
 from fbmem.jobs.label_rule import RULE_MOST_SEVERE, RULE_PAPER, label_generation, pair_labels
 from fbmem.jobs.lazy_masks import ensure_masks
+from fbmem.jobs.cpu_allocator import retain_freed_memory
 from fbmem.jobs.region_similarity import prepare_batch, score_pairs
 from fbmem.jobs.run_record import RunRecord, now_utc
 from fbmem.pipelines.ingest import _actor_kwargs, error_id
@@ -91,6 +92,8 @@ class PairScorer:
         self.db = connect(db_uri, self.cfg.storage_options)
         self.device = pick_device(self.cfg.resources.device)
         self.settings = score_settings(self.cfg)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # this actor lives for the whole scan: whole chunks per call
 
     def _load(self, table: str, key: str, ids: list[str]) -> dict[str, tuple]:
         rows = self.db.read(table, [key, "image_bytes", "source_uri", "mask_png"], where=f"{key} IN ({sql_list(ids)})")

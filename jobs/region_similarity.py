@@ -24,7 +24,9 @@ How the batched path is fast (bench/score.py, 2-core CPU, 512 px): the three vie
 are packed side by side in the channels (9 channels), so one channels-last depthwise Gaussian
 filter call covers all views; that convolution was ~8x faster per image than pytorch-msssim's
 NCHW 3-channel call, which dominates the per-pair loop. On the CPU a call holds only as many pairs
-as fit in CPU_BLOCK_BYTES (1 pair at 512 px), because bigger blocks were slower, not faster.
+as fit in the CPU block: CPU_BLOCK_BYTES (1 pair at 512 px) with glibc's default allocator, where
+bigger blocks were slower, and CPU_BLOCK_BYTES_RETAINED once the process keeps freed memory
+(jobs/cpu_allocator.py), where a whole chunk fits and its generations' statistics are shared.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_msssim import ms_ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
+
+from fbmem.jobs.cpu_allocator import retains_freed_memory
 
 METRIC_REGION = "region"
 METRIC_MASKED_VIEW = "masked-view"
@@ -59,6 +63,14 @@ ImageLike = Image.Image | np.ndarray
 # default glibc: 1 pair per call 86 ms/pair, 3 pairs 109, 16 pairs 190, of which 28 / 49 / 121 ms
 # were system time). CUDA's caching allocator has no such cost: there a call takes the whole chunk.
 CPU_BLOCK_BYTES = 16 * 2**20
+# Once cpu_allocator.retain_freed_memory() has run, freed blocks are reused without page faults
+# and 48-400 MB blocks ran at the same ~30 ms/pair (vs 40 ms at 16 MB): a 16-pair chunk fits.
+CPU_BLOCK_BYTES_RETAINED = 256 * 2**20
+
+
+def default_cpu_block_bytes() -> int:
+    """The CPU block for this process: large only when freed memory is kept (see above)."""
+    return CPU_BLOCK_BYTES_RETAINED if retains_freed_memory() else CPU_BLOCK_BYTES
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -522,7 +534,7 @@ def score_pairs(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Tensor,
                 weights: Sequence[float] = DEFAULT_WEIGHTS, chunk_size: int = 16,
                 device: str | torch.device | None = None,
                 small_images: SmallImages = "upsample",
-                cpu_block_bytes: int = CPU_BLOCK_BYTES) -> dict[str, torch.Tensor]:
+                cpu_block_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Score (generation, training image) pairs; every value is a per-pair CPU tensor.
 
     Keys: full, fg, bg (MS-SSIM after the beta rule), fg_area, bg_area (coverage of the regions
@@ -530,7 +542,7 @@ def score_pairs(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Tensor,
     full one). Pairs are (gen i, train i), or (gen gen_idx[q], train train_idx[q]) when indices are
     given. Each call on `device` (default: the inputs' device) scores all three views of up to
     chunk_size pairs at once, which bounds memory. On the CPU a call also keeps its largest tensor
-    (pairs x 3 views x C x H x W float32) within cpu_block_bytes, see CPU_BLOCK_BYTES.
+    (pairs x 3 views x C x H x W float32) within cpu_block_bytes (None: `default_cpu_block_bytes()`).
     """
     _check_metric(metric, beta)
     if chunk_size < 1:
@@ -546,7 +558,8 @@ def score_pairs(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Tensor,
                             n_scales=len(weights), metric=metric)
         h, w = gen_x.shape[-2:]
         row_bytes = int(3 * gen_x.shape[1] * h * w * 4 * (side / min(h, w)) ** 2)
-        step = max(1, min(chunk_size, cpu_block_bytes // row_bytes))
+        block = default_cpu_block_bytes() if cpu_block_bytes is None else cpu_block_bytes
+        step = max(1, min(chunk_size, block // row_bytes))
     outs: list[dict[str, torch.Tensor]] = []
     for start in range(0, gi.numel(), step):
         ug, inv_g = torch.unique(gi[start:start + step], return_inverse=True)
