@@ -39,7 +39,7 @@ class ClipConfig(_Strict):
 class SegmenterConfig(_Strict):
     """Foreground segmentation: SAM (default, needs a checkpoint) or a weight-free fallback."""
 
-    backend: Literal["sam", "grabcut"] = "sam"
+    backend: Literal["sam", "grabcut", "colour"] = "sam"
     sam_model_type: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_h"
     sam_checkpoint: str | None = None  # local .pth (loaded weights_only) or .safetensors
     seed: int = 0
@@ -51,9 +51,14 @@ class SegmenterConfig(_Strict):
     max_area_frac: float = Field(0.9, gt=0, le=1)
     border_touch_frac: float = Field(0.05, ge=0, le=1)
     max_side: int = Field(1024, ge=64)  # images are downscaled to this side before segmenting
+    # "colour" backend (pipelines/colour_segmenter.py; also uses min_area_frac, border_touch_frac)
+    colour_clusters: int = Field(4, ge=2, le=16)  # k-means colour clusters per image
+    colour_refine: bool = True  # GrabCut refinement of the cluster mask's edge
 
     @property
     def model_id(self) -> str:
+        if self.backend == "colour":  # its settings change the masks: they are part of the id
+            return f"colour:k{self.colour_clusters}{'' if self.colour_refine else ':no-refine'}"
         if self.backend != "sam":
             return f"{self.backend}"
         if self.sam_model_type == "tiny":

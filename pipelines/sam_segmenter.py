@@ -26,9 +26,12 @@ Images are downscaled so their long side is at most `max_side` before segmenting
 its encoder's 1024 anyway, and full-resolution proposal masks would cost memory for nothing); the
 chosen mask is upsampled back to the image size (bilinear, so its edge pixels become soft).
 
-Backends are pluggable (`make_backend`): "sam" (a checkpoint, or `tiny` random weights for tests)
-and "grabcut" (OpenCV, weight-free, initialised with a centred rectangle). Each backend is just a
-callable `RGB uint8 HxWx3 -> float32 HxW mask in [0, 1]` with a `model_id`.
+Backends are pluggable (`make_backend`): "sam" (a checkpoint, or `tiny` random weights for tests),
+"grabcut" (OpenCV, weight-free, initialised with a centred rectangle) and "colour" (weight-free:
+k-means colour clusters with this module's border rule applied per cluster, then GrabCut;
+pipelines/colour_segmenter.py, the better choice for the toy world's images and the toy model's
+blurry samples). Each backend is just a callable `RGB uint8 HxWx3 -> float32 HxW mask in [0, 1]`
+with a `model_id`.
 """
 from __future__ import annotations
 
@@ -276,6 +279,10 @@ def make_backend(cfg: SegmenterConfig, device: torch.device) -> ForegroundBacken
         return SamForeground(load_sam(cfg, device), cfg)
     if cfg.backend == "grabcut":
         return GrabCutForeground(cfg)
+    if cfg.backend == "colour":
+        from fbmem.pipelines.colour_segmenter import ColourForeground  # imports this module
+
+        return ColourForeground(cfg)
     raise ValueError(f"models.segmenter.backend: unknown backend {cfg.backend!r}")
 
 
