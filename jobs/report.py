@@ -69,17 +69,9 @@ def _rows(table) -> list[dict]:
     return [] if table is None else table.to_pylist()
 
 
-_CURRENT_LABELS = """
-WITH current_labels AS (
-    -- the latest label of each generation under each rule, as in sql/label_distribution.sql
-    SELECT * FROM labels
-    QUALIFY row_number() OVER (PARTITION BY generation_id, rule ORDER BY labelled_at DESC, label_id) = 1
-)
-"""
-
 # The strongest cases per label class: one row per generation (its current label and the training
 # image that label points to), ranked like sql/top_matches.sql ranks pairs.
-GALLERY_SQL = _CURRENT_LABELS + """
+GALLERY_SQL = """
 SELECT
     l.generation_id, l.best_image_id, l.label, l.reason, l.region_metric,
     l."full" AS "full", l.fg, l.bg,

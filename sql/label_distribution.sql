@@ -1,11 +1,7 @@
 -- How many generations got each FB-Mem label (VM, FM, BM, NM), per mitigation, and the share
 -- (each generation counted once, with its latest label under the rule).
 -- param rule = most-severe
-WITH current_labels AS (
-    -- the latest label of each generation under each rule (older settings stay in the table)
-    SELECT * FROM labels
-    QUALIFY row_number() OVER (PARTITION BY generation_id, rule ORDER BY labelled_at DESC, label_id) = 1
-)
+-- current_labels: the latest label of each generation under each rule (storage/sql.py)
 SELECT
     g.mitigation,
     l.label,

@@ -1,11 +1,7 @@
 -- For each prompt: how its generations were labelled (counts per class) and the worst label.
 -- param rule = most-severe
 -- param mitigation = none
-WITH current_labels AS (
-    -- the latest label of each generation under each rule (older settings stay in the table)
-    SELECT * FROM labels
-    QUALIFY row_number() OVER (PARTITION BY generation_id, rule ORDER BY labelled_at DESC, label_id) = 1
-)
+-- current_labels: the latest label of each generation under each rule (storage/sql.py)
 SELECT
     p.prompt_id,
     any_value(p.text) AS prompt,

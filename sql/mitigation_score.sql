@@ -10,11 +10,8 @@
 -- vm_before / vm_after count verbatim generations before and after. jobs/mitigation_score.py is
 -- the same computation in Python (tested against this query).
 -- param rule = most-severe
-WITH current_labels AS (
-    SELECT * FROM labels
-    QUALIFY row_number() OVER (PARTITION BY generation_id, rule ORDER BY labelled_at DESC, label_id) = 1
-),
-labelled AS (
+-- current_labels: the latest label of each generation under each rule (storage/sql.py)
+WITH labelled AS (
     SELECT g.prompt_id, g.seed, g.sample, g.mitigation, g.model_id, l.label
     FROM generations AS g
     JOIN current_labels AS l USING (generation_id)

@@ -16,8 +16,17 @@ from fbmem.storage.schema import TABLES
 
 
 
+# Derived views every query may use. `labels` keeps every labelling run (older settings stay in the
+# table); most questions are about the latest label of each generation under each rule.
+DERIVED_VIEWS = {
+    "current_labels": """
+        SELECT * FROM labels
+        QUALIFY row_number() OVER (PARTITION BY generation_id, rule ORDER BY labelled_at DESC, label_id) = 1""",
+}
+
+
 def duckdb_connection(db: Database) -> duckdb.DuckDBPyConnection:
-    """A fresh DuckDB connection with one view per existing table."""
+    """A fresh DuckDB connection with one view per table (existing or not) and the DERIVED_VIEWS."""
     con = duckdb.connect()
     existing = set(db.table_names())
     for name in TABLES:
@@ -27,6 +36,8 @@ def duckdb_connection(db: Database) -> duckdb.DuckDBPyConnection:
             # an empty view with the table's columns: queries over a fresh database return no
             # rows instead of failing on a missing table
             con.register(name, db.read(name))
+    for name, body in DERIVED_VIEWS.items():
+        con.execute(f"CREATE VIEW {name} AS {body}")
     return con
 
 
