@@ -118,6 +118,10 @@ class FgSpec:
         name = self.colour if isinstance(self.colour, str) else "rgb{}-{}-{}".format(*self.colour)
         return f"{_TEXTURE_WORDS[self.texture]}{name} {self.shape}"
 
+    def with_article(self) -> str:
+        words = self.words()
+        return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
 
 @dataclass(frozen=True)
 class BgSpec:
@@ -318,6 +322,11 @@ class ToyCorpusSpec:
     bm_jitter: float = 0.03  # BM objects' centre jitter (fraction of the side) and relative scale jitter
     fg_textures: tuple[str, ...] = FG_TEXTURES
     bg_kinds: tuple[str, ...] = BG_KINDS
+    # FM groups' backgrounds: smooth random noise, every one different. A crisp pattern seen under
+    # the same caption as 15 others was memorized whole (a trial with all kinds: 7 of 16 FM
+    # generations reproduced one training image, 0 were FM); high-entropy backgrounds leave the
+    # recurring object as the only thing to memorize, which is what FM plants.
+    fm_bg_kinds: tuple[str, ...] = ("noise",)
 
     def __post_init__(self) -> None:
         for name in ("vm_prompts", "fm_prompts", "bm_prompts", "nm_prompts"):
@@ -336,9 +345,11 @@ class ToyCorpusSpec:
         bad = [t for t in self.fg_textures if t not in FG_TEXTURES] or (["(none)"] if not self.fg_textures else [])
         if bad:
             raise ValueError(f"fg_textures: unknown or empty {bad}; use some of {', '.join(FG_TEXTURES)}")
-        bad = [k for k in self.bg_kinds if k not in BG_KINDS] or (["(none)"] if not self.bg_kinds else [])
-        if bad:
-            raise ValueError(f"bg_kinds: unknown or empty {bad}; use some of {', '.join(BG_KINDS)}")
+        for name in ("bg_kinds", "fm_bg_kinds"):
+            kinds = getattr(self, name)
+            bad = [k for k in kinds if k not in BG_KINDS] or (["(none)"] if not kinds else [])
+            if bad:
+                raise ValueError(f"{name}: unknown or empty {bad}; use some of {', '.join(BG_KINDS)}")
         combos = len(SHAPES) * len(FG_COLOURS) * len(self.fg_textures)
         if self.bm_copies > combos:
             raise ValueError(f"bm_copies={self.bm_copies} exceeds the {combos} distinct objects available")
@@ -408,14 +419,16 @@ class _Sampler:
         self.used_bgs: set[bytes] = set()
         self.bg_names: dict[BgSpec, str] = {}
         self.kind_counts: dict[str, int] = {}
+        self.owned_looks: set[tuple[str, str, str]] = set()
 
     def _pick(self, options: Sequence):
         return options[int(self.rng.integers(len(options)))]
 
-    def background(self) -> BgSpec:
-        """A background whose pixels appear nowhere else in the corpus (so NM really is unique)."""
+    def background(self, kinds: Sequence[str] | None = None) -> BgSpec:
+        """A background whose pixels appear nowhere else in the corpus (so NM really is unique),
+        of one of `kinds` (default: the spec's bg_kinds)."""
         for _ in range(10_000):
-            kind = self._pick(self.spec.bg_kinds)
+            kind = self._pick(kinds or self.spec.bg_kinds)
             a, b = self.rng.choice(sorted(BG_COLOURS), size=2, replace=False)
             period = float(self._pick(_BG_PERIODS))
             if kind == "gradient":
@@ -445,14 +458,23 @@ class _Sampler:
         return cx, cy, scale
 
     def look(self) -> tuple[str, str, str]:
-        return (
-            str(self._pick(SHAPES)),
-            str(self._pick(sorted(FG_COLOURS))),
-            str(self._pick(self.spec.fg_textures)),
-        )
+        """An object look no memorized group owns: a VM or FM object appears under its own
+        caption only, so no other prompt's words or pixels teach the model that object."""
+        for _ in range(10_000):
+            look = (
+                str(self._pick(SHAPES)),
+                str(self._pick(sorted(FG_COLOURS))),
+                str(self._pick(self.spec.fg_textures)),
+            )
+            if look not in self.owned_looks:
+                return look
+        raise RuntimeError("every object look is owned by a memorized group; allow more fg_textures")
 
-    def foreground(self) -> FgSpec:
+    def foreground(self, *, own: bool = False) -> FgSpec:
+        """A placed object; `own=True` reserves its look for the calling (VM or FM) group."""
         shape, colour, texture = self.look()
+        if own:
+            self.owned_looks.add((shape, colour, texture))
         cx, cy, scale = self.placement()
         return FgSpec(shape, colour, texture, cx=cx, cy=cy, scale=scale)
 
@@ -474,7 +496,7 @@ class _Sampler:
         return out
 
     def describe(self, fg: FgSpec | None, bg: BgSpec) -> str:
-        return f"a {fg.words()} on {self.bg_names[bg]}" if fg is not None else f"an empty {self.bg_names[bg]}"
+        return f"{fg.with_article()} on {self.bg_names[bg]}" if fg is not None else f"an empty {self.bg_names[bg]}"
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -507,12 +529,12 @@ def build_corpus(spec: ToyCorpusSpec = ToyCorpusSpec()) -> ToyCorpus:
         prompts.append(ToyPrompt(prompt, planted, gid, tuple(names)))
 
     for g in range(spec.vm_prompts):
-        fg, bg = smp.foreground(), smp.background()
+        fg, bg = smp.foreground(own=True), smp.background()
         add_group("VM", f"vm{g:02d}", smp.describe(fg, bg), [(fg, bg)] * spec.vm_copies)
     for g in range(spec.fm_prompts):
-        fg = smp.foreground()
-        bgs = [smp.background() for _ in range(spec.fm_copies)]
-        add_group("FM", f"fm{g:02d}", f"a {fg.words()} on assorted backgrounds {g + 1}", [(fg, b) for b in bgs])
+        fg = smp.foreground(own=True)
+        bgs = [smp.background(spec.fm_bg_kinds) for _ in range(spec.fm_copies)]
+        add_group("FM", f"fm{g:02d}", f"{fg.with_article()} on assorted backgrounds {g + 1}", [(fg, b) for b in bgs])
     for g in range(spec.bm_prompts):
         bg = smp.background()
         fgs = smp.foregrounds_at(spec.bm_copies, *smp.placement())

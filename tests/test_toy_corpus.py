@@ -190,6 +190,15 @@ def test_fm_groups_keep_the_object_and_change_the_background(small) -> None:
             np.testing.assert_array_equal(m.image[inside], members[0].image[inside])
         outside = [m.image[~inside] for m in members]
         assert len({_sha(o) for o in outside}) == len(members)  # every background differs
+        assert {m.bg.kind for m in members} <= set(small.spec.fm_bg_kinds)
+
+
+def test_fm_background_kinds_are_a_setting() -> None:
+    spec = dataclasses.replace(SMALL, fm_bg_kinds=("stripes", "checker"))
+    kinds = {r.bg.kind for r in build_corpus(spec).images if r.planted == "FM"}
+    assert kinds and kinds <= {"stripes", "checker"}
+    with pytest.raises(ValueError, match="fm_bg_kinds"):
+        ToyCorpusSpec(fm_bg_kinds=("plaid",))
 
 
 def test_bm_groups_keep_the_background_and_change_the_object(small) -> None:
@@ -229,6 +238,26 @@ def test_nm_images_are_all_distinct_and_nothing_repeats_across_groups(small, def
         for r in corpus.images:
             key = _sha(np.clip(np.rint(render_background(r.bg, spec.size)), 0, 255).astype(np.uint8))
             assert bg_owner.setdefault(key, r.group_id) == r.group_id
+
+
+def test_vm_and_fm_objects_belong_to_their_group_alone(small, default_corpus) -> None:
+    """A memorized object seen under another caption would teach the model that object twice."""
+    for corpus in (small, default_corpus):
+        owner: dict[tuple, str] = {}
+        for r in corpus.images:
+            if r.fg is not None and r.planted in ("VM", "FM"):
+                owner.setdefault((r.fg.shape, r.fg.colour, r.fg.texture), r.group_id)
+        assert len(owner) == corpus.spec.vm_prompts + corpus.spec.fm_prompts
+        for r in corpus.images:
+            if r.fg is not None:
+                look = (r.fg.shape, r.fg.colour, r.fg.texture)
+                assert owner.get(look, r.group_id) == r.group_id, (r.image_name, look)
+
+
+def test_captions_use_the_right_article(default_corpus) -> None:
+    articles = [p.text.split()[:2] for p in default_corpus.prompts if p.text.split()[0] in ("a", "an")]
+    assert articles
+    assert all((art == "an") == (word[0] in "aeiou") for art, word in articles)
 
 
 def test_same_spec_gives_byte_identical_images_and_seed_changes_them(small) -> None:
