@@ -116,16 +116,18 @@ def test_cache_reused_for_same_spec_and_corpus_else_retrained(trained: Path, cor
     assert (folder / UNET_WEIGHTS).stat().st_mtime_ns == before  # reused, not retrained
 
     other = build_corpus(dataclasses.replace(CORPUS_SPEC, seed=2))
-    ok, why = cached_model_matches(folder, other, TINY)
+    ok, why = cached_model_matches(folder, other, TINY, num_threads=1)
     assert not ok and "corpus" in why
+    ok, why = cached_model_matches(folder, corpus, TINY, num_threads=2)  # other weights: retrain
+    assert not ok and "threads" in why
 
     ensure_toy_model(folder, corpus, SHORT, log_every=0, num_threads=1)  # spec changed: retrains
     rec = read_record(folder)
     assert rec["spec"] == SHORT.to_json() and len(rec["losses"]["unet"]) == SHORT.unet_steps
-    assert cached_model_matches(folder, corpus, SHORT)[0]
+    assert cached_model_matches(folder, corpus, SHORT, num_threads=1)[0]
 
     (folder / META_NAME).write_text("{not json")
-    assert cached_model_matches(folder, corpus, SHORT) == (False, "no training record")
+    assert cached_model_matches(folder, corpus, SHORT, num_threads=1) == (False, "no training record")
 
 
 def test_score_generations_tells_planted_cases_apart(corpus) -> None:
