@@ -12,7 +12,8 @@ is real and known.
 Models: the trained toy diffusion model (its own text encoder is frozen and random, as SD's is
 frozen), a random-weight tiny CLIP for candidates (top-20 by cosine plus the prompt's linked image;
 on this corpus it gave the same labels as comparing with every training image, 10x faster) and the
-weight-free GrabCut foreground backend for generated images (SAM needs weights). Every stage is a
+weight-free colour-cluster foreground backend for generated images (pipelines/colour_segmenter.py;
+SAM needs weights). Every stage is a
 rerun-safe job: a second demo reuses what it finds.
 """
 from __future__ import annotations
@@ -51,10 +52,13 @@ def demo_config(base: Config, model_dir: Path) -> Config:
     """The demo's settings on top of the given (tiny) preset."""
     data = base.model_dump()
     data["models"]["diffusion"] = {"model": str(model_dir), "tiny": False, "seed": 0, "revision": None}
-    data["models"]["segmenter"]["backend"] = "grabcut"
+    data["models"]["segmenter"]["backend"] = "colour"
     data["candidates"].update(mode="ann", k=20)
     # scoring is the demo's heaviest stage: one single-threaded actor per core
     data["resources"]["score"].update(num_cpus=1.0, pool_size=2)
+    # one prompt's samples per UNet batch and more: 0.34 s/image at 20 vs 0.44 at 4 (1 thread; 2
+    # threads were no faster at this size)
+    data["resources"]["generate"].update(num_cpus=1.0, pool_size=1, batch_size=20)
     data["fbmem"]["image_size"] = 192
     data["generation"].update(steps=50, guidance=6.0, size=64, n=5)
     data["nemo"].update(refine_batch=8)
@@ -73,14 +77,11 @@ def _sql(db: Database, name: str, **params):
 
 def label_shares_by_group(db: Database) -> str:
     return format_table(run_query(db, """
-        WITH cur AS (
-            SELECT * FROM labels WHERE rule = 'most-severe'
-            QUALIFY row_number() OVER (PARTITION BY generation_id ORDER BY labelled_at DESC, label_id) = 1
-        )
         SELECT p.planted, g.mitigation, count(*) AS generations,
                round(avg((l.label = 'VM')::INT), 3) AS VM, round(avg((l.label = 'FM')::INT), 3) AS FM,
                round(avg((l.label = 'BM')::INT), 3) AS BM, round(avg((l.label = 'NM')::INT), 3) AS NM
-        FROM cur l JOIN generations g USING (generation_id) JOIN prompts p ON p.prompt_id = g.prompt_id
+        FROM current_labels l JOIN generations g USING (generation_id) JOIN prompts p ON p.prompt_id = g.prompt_id
+        WHERE l.rule = 'most-severe'
         GROUP BY ALL ORDER BY g.mitigation DESC, p.planted DESC"""))
 
 
@@ -101,6 +102,15 @@ def detection_summary(db: Database) -> tuple[str, float]:
                round(avg(n.detect_mean), 3) AS mean_pairwise, sum(n.memorized::INT) AS detected
         FROM nemo_prompts n JOIN prompts p USING (prompt_id) GROUP BY 1 ORDER BY 1 DESC"""))
     return table + f"\nAUC VM vs NM: max-of-max score {auc:.3f}, mean pairwise score {auc_mean:.3f}", auc
+
+
+def nemo_outcomes(db: Database) -> str:
+    """One line per localized prompt: NeMo's own verdict (criterion reached, or why not)."""
+    return format_table(run_query(db, """
+        SELECT p.planted, p.text AS prompt, round(n.detect_score, 3) AS detect,
+               n.n_initial, n.n_refined, n.criterion_reached, n.message
+        FROM nemo_prompts n JOIN prompts p USING (prompt_id)
+        WHERE n.n_initial IS NOT NULL ORDER BY p.planted DESC, p.text"""))
 
 
 def run_demo(cfg: Config, out: Path) -> None:
@@ -173,6 +183,7 @@ def run_demo(cfg: Config, out: Path) -> None:
     reached = sum(bool(r.get("criterion_reached")) for r in localized)
     print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
           f"not reached (search gave up, set kept) for {len(localized) - reached}")
+    print(nemo_outcomes(db))
 
     results = {}
     for method in ("nemo", "nemo-c"):
