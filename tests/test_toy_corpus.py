@@ -254,6 +254,20 @@ def test_vm_and_fm_objects_belong_to_their_group_alone(small, default_corpus) ->
                 assert owner.get(look, r.group_id) == r.group_id, (r.image_name, look)
 
 
+def test_nm_captions_share_at_most_one_word_with_any_memorized_caption(small, default_corpus) -> None:
+    for corpus in (small, default_corpus):
+        memorized = []
+        for p in corpus.prompts:
+            if p.planted in ("VM", "FM"):
+                r = corpus.image(p.linked[0])
+                memorized.append((r.fg.shape, r.fg.colour, r.fg.texture, r.bg.kind if p.planted == "VM" else None))
+        for p in (p for p in corpus.prompts if p.planted == "NM"):
+            r = corpus.image(p.linked[0])
+            words = (r.fg.shape, r.fg.colour, r.fg.texture, r.bg.kind)
+            for m in memorized:
+                assert sum(a == b for a, b in zip(words, m) if b is not None) <= 1, (p.text, m)
+
+
 def test_captions_use_the_right_article(default_corpus) -> None:
     articles = [p.text.split()[:2] for p in default_corpus.prompts if p.text.split()[0] in ("a", "an")]
     assert articles
