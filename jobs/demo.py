@@ -184,6 +184,17 @@ def run_demo(cfg: Config, out: Path) -> None:
     print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
           f"not reached (search gave up, set kept) for {len(localized) - reached}")
     print(nemo_outcomes(db))
+    if localized and reached < len(localized):
+        # Is the criterion reachable at all? Switch every value neuron off for each prompt.
+        from fbmem.jobs.nemo_job import all_off_score, parts_of
+
+        texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("text").to_pylist()))
+        parts = parts_of(pipe)
+        floor = [all_off_score(parts, texts[r["prompt_id"]], cfg.nemo, cfg.generation.size) for r in localized]
+        print(f"control: with ALL value neurons off, s(B) is {min(floor):.3f}-{max(floor):.3f} for these prompts "
+              f"(criterion: <= {cfg.nemo.threshold:g}); "
+              + ("the criterion is out of reach in this model at t_1, whatever neurons are chosen"
+                 if min(floor) > cfg.nemo.threshold else "so the criterion is reachable for some"))
 
     results = {}
     for method in ("nemo", "nemo-c"):

@@ -234,6 +234,21 @@ def localize_prompt(
     return PromptLocalization(setup, res, 1 + ev.unet_calls, ev.sets_evaluated, time.perf_counter() - t0)
 
 
+def all_off_score(parts: DiffusionParts, text: str, nemo: NemoConfig, image_size: int) -> float:
+    """s(B) with EVERY value neuron deactivated, over the prompt's retained latents (all latents
+    when detection retains none): the lowest blocking score any neuron set can reach, up to the
+    layers' interplay. When it stays above nemo.threshold, NeMo's criterion is out of reach for
+    this model, whatever the search does; a report should say so rather than blame the search."""
+    setup = detect_prompt(parts, text, nemo, image_size)
+    keep = setup.detection.retained.cpu()
+    if not bool(keep.any()):
+        keep = torch.ones_like(keep)
+    layers = find_value_layers(parts.unet)
+    ev = BlockingEvaluator(parts.unet, layers, setup.latents[keep], setup.t1, setup.cond,
+                           setup.delta[keep.to(setup.delta.device)], ms_settings(nemo), alpha=nemo.alpha)
+    return ev.one({l.idx: list(range(l.out_features)) for l in layers})
+
+
 def outcome_message(res: LocalizeResult) -> str:
     """Say whether NeMo reached its criterion, and if not, why (SPEC 6: the search may give up)."""
     ini, ref = res.initial, res.refined

@@ -487,3 +487,23 @@ def test_localize_refuses_stats_of_another_model(tmp_path, parts, shared_data, n
             run_localize(db, nemo_cfg, {"unet": parts.unet, "text_encoder": parts.text_encoder,
                                         "tokenizer": parts.tokenizer, "scheduler": _sched(parts)},
                          [{"prompt_id": "p", "text": "x"}], sd14, run)
+
+
+def test_all_off_score_is_the_blocking_score_with_every_value_neuron_deactivated(parts, nemo_cfg):
+    """The control the demo prints: one batched call with all channels masked equals the plain
+    `deactivate` hook over every neuron, on all latents when detection retains none."""
+    from fbmem.jobs.nemo_core import blocking_scores, noise_difference
+    from fbmem.jobs.nemo_job import all_off_score
+    from fbmem.jobs.neuron_hooks import deactivate
+
+    text = PROMPTS[0]
+    size = nemo_cfg.generation.size
+    got = all_off_score(parts, text, nemo_cfg.nemo, size)
+    setup = detect_prompt(parts, text, nemo_cfg.nemo, size)
+    keep = setup.detection.retained if bool(setup.detection.retained.any()) else torch.ones_like(setup.detection.retained)
+    layers = find_value_layers(parts.unet)
+    with deactivate(parts.unet, {l.idx: list(range(l.out_features)) for l in layers}, alpha=0.0):
+        blocked = noise_difference(parts.unet, setup.latents[keep], setup.t1, setup.cond)
+    want = blocking_scores(setup.delta[keep], blocked, ms=ms_settings(nemo_cfg.nemo)).max().item()
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got < 1.0 - 1e-4  # switching every value neuron off does change the prediction
