@@ -85,7 +85,7 @@ class ToyTrainSpec:
     unet_attention: tuple[bool, ...] = (False, True, True)
     layers_per_block: int = 1
     attention_heads: int = 2
-    unet_steps: int = 1000
+    unet_steps: int = 650
     unet_batch: int = 64
     # Measured (frozen encoder, 1,000 steps, 16 VM generations, exact masks): 1e-3 gave VM full > 0.8
     # in 56-69% (seeds 0 / 1, 2 threads) and VM labels 10/16; 2e-3 gave 62-88% and 13-14/16, with NM
