@@ -129,6 +129,10 @@ class FBMemConfig(_Strict):
     ms_weights: list[float] = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
     small_images: Literal["upsample", "reject"] = "upsample"
     chunk_pairs: int = Field(16, ge=1)  # pairs per batched scorer call (bounds memory)
+    # Pixels (at S) around a GENERATED image's mask edge left out of both regions: the foreground
+    # from the mask eroded, the background from it dilated (region_similarity.edge_band_masks).
+    # 0 = SPEC section 1 as written; blurry samples (the toy model's) need ~1 px of their own size.
+    gen_edge_band: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _odd_window(self) -> "FBMemConfig":

@@ -191,24 +191,51 @@ def make_views(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return x, foreground_view(x, m), background_view(x, m)
 
 
-def _packed_views(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def _packed_views(x: torch.Tensor, m: torch.Tensor, m_bg: torch.Tensor | None = None) -> torch.Tensor:
     """[N, 3C, H, W] channels-last: full | foreground | background views, written in place.
 
     Same arithmetic as make_views (so the loop and the batched path see identical inputs), without
-    the temporaries and the concatenation copy.
+    the temporaries and the concatenation copy. `m_bg` (default m) is the mask the background
+    view paints white (see edge_band_masks).
     """
+    m_bg = m if m_bg is None else m_bg
     n, c, h, w = x.shape
     out = torch.empty((n, 3 * c, h, w), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
     out[:, :c].copy_(x)
     torch.mul(x, m, out=out[:, c:2 * c])
-    torch.mul(x, 1 - m, out=out[:, 2 * c:]).add_(m)
+    torch.mul(x, 1 - m_bg, out=out[:, 2 * c:]).add_(m_bg)
     return out
 
 
-def region_masks(m_gen: torch.Tensor, m_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Foreground region m_G*m_T and background region (1-m_G)(1-m_T): where both images agree."""
-    return m_gen * m_train, (1 - m_gen) * (1 - m_train)
+def edge_band_masks(m: torch.Tensor, band: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(foreground mask, background mask) of masks m [N,1,H,W] that leave a band of `band` pixels
+    on each side of the mask's edge out of both: the foreground is m eroded, the background the
+    complement of m dilated (grey-level min / max filters, so soft masks stay soft).
+
+    Why: a generated image's object edge is a soft blend of object and background, and a
+    segmenter puts its mask edge somewhere inside that blend. The region metric's windows along
+    the edge then compare blend pixels with a training image's crisp edge, and on small objects
+    that band decides the score (toy model, 64 px samples scored at 192 px: FM samples' best
+    foreground score 0.709 with the segmenter's masks, 0.788 with the band left out, 0.834 with
+    the training masks themselves). band=0 returns (m, m): SPEC section 1 as written.
+    """
+    if band < 0:
+        raise ValueError(f"edge band must be >= 0 pixels, got {band}")
+    if band == 0:
+        return m, m
+    k = 2 * band + 1
+    dilated = F.max_pool2d(m, k, stride=1, padding=band)
+    eroded = -F.max_pool2d(-m, k, stride=1, padding=band)
+    return eroded, dilated
+
+
+def region_masks(m_gen: torch.Tensor, m_train: torch.Tensor,
+                 m_gen_bg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground region m_G*m_T and background region (1-m_G)(1-m_T): where both images agree.
+    `m_gen_bg` (default m_gen) is the generation's mask for the background region."""
+    m_gen_bg = m_gen if m_gen_bg is None else m_gen_bg
+    return m_gen * m_train, (1 - m_gen_bg) * (1 - m_train)
 
 
 # ----------------------------------------------------------------------------- MS-SSIM maps
@@ -481,9 +508,9 @@ def _rows(t: torch.Tensor, idx: torch.Tensor, dev: torch.device) -> torch.Tensor
     return t[idx].to(dev, torch.float32)
 
 
-def _areas(gm: torch.Tensor, tm: torch.Tensor) -> dict[str, torch.Tensor]:
+def _areas(gm: torch.Tensor, tm: torch.Tensor, gm_bg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Coverage fractions that drive the beta rule, per pair."""
-    fg_r, bg_r = region_masks(gm, tm)
+    fg_r, bg_r = region_masks(gm, tm, gm_bg)
     return {
         "fg_area": fg_r.mean(dim=(1, 2, 3)),
         "bg_area": bg_r.mean(dim=(1, 2, 3)),
@@ -534,7 +561,7 @@ def score_pairs(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Tensor,
                 weights: Sequence[float] = DEFAULT_WEIGHTS, chunk_size: int = 16,
                 device: str | torch.device | None = None,
                 small_images: SmallImages = "upsample",
-                cpu_block_bytes: int | None = None) -> dict[str, torch.Tensor]:
+                cpu_block_bytes: int | None = None, gen_edge_band: int = 0) -> dict[str, torch.Tensor]:
     """Score (generation, training image) pairs; every value is a per-pair CPU tensor.
 
     Keys: full, fg, bg (MS-SSIM after the beta rule), fg_area, bg_area (coverage of the regions
@@ -543,6 +570,8 @@ def score_pairs(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Tensor,
     given. Each call on `device` (default: the inputs' device) scores all three views of up to
     chunk_size pairs at once, which bounds memory. On the CPU a call also keeps its largest tensor
     (pairs x 3 views x C x H x W float32) within cpu_block_bytes (None: `default_cpu_block_bytes()`).
+    `gen_edge_band` (pixels at the scored side) leaves that band around each generation's mask edge
+    out of both regions (`edge_band_masks`); 0 is SPEC section 1 as written.
     """
     _check_metric(metric, beta)
     if chunk_size < 1:
@@ -572,15 +601,16 @@ def score_pairs(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Tensor,
                               n_scales=len(weights), metric=metric)
         inv_g, inv_t = inv_g.to(dev), inv_t.to(dev)
         p = inv_g.numel()
-        A, B = _packed_views(gx, gm), _packed_views(tx, tm)
+        gm, gm_bg = edge_band_masks(gm, gen_edge_band)
+        A, B = _packed_views(gx, gm, gm_bg), _packed_views(tx, tm)
         ia = None if gx.shape[0] == p and bool((inv_g == torch.arange(p, device=dev)).all()) else inv_g
         ib = None if tx.shape[0] == p and bool((inv_t == torch.arange(p, device=dev)).all()) else inv_t
-        pgm, ptm = gm[inv_g], tm[inv_t]
-        region = torch.cat(region_masks(pgm, ptm), dim=1) if metric == METRIC_REGION else None
+        pgm, pgm_bg, ptm = gm[inv_g], gm_bg[inv_g], tm[inv_t]
+        region = torch.cat(region_masks(pgm, ptm, pgm_bg), dim=1) if metric == METRIC_REGION else None
         vals = _packed_ms_ssim(A, B, ia, ib, region, n_views=3, **kw)
         full, fg, bg = vals.unbind(dim=1)
         outs.append({k: v.cpu() for k, v in
-                     _apply_beta(full, fg, bg, _areas(pgm, ptm), metric, beta).items()})
+                     _apply_beta(full, fg, bg, _areas(pgm, ptm, pgm_bg), metric, beta).items()})
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -591,7 +621,7 @@ def score_pair_loop(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Ten
                     beta: float = 0.03, win_size: int = 11, win_sigma: float = 1.5,
                     weights: Sequence[float] = DEFAULT_WEIGHTS,
                     device: str | torch.device | None = None,
-                    small_images: SmallImages = "upsample") -> dict[str, torch.Tensor]:
+                    small_images: SmallImages = "upsample", gen_edge_band: int = 0) -> dict[str, torch.Tensor]:
     """Reference-style scorer: one MS-SSIM call per view per pair (the baseline and yardstick).
 
     full (and masked-view fg/bg) use pytorch_msssim.ms_ssim itself; region fg/bg use
@@ -612,14 +642,15 @@ def score_pair_loop(gen_x: torch.Tensor, gen_m: torch.Tensor, train_x: torch.Ten
                               small_images=small_images, win_size=win_size,
                               n_scales=len(weights), metric=metric)
         full = ms_ssim(gx, tx, data_range=DATA_RANGE, size_average=False, **kw)
+        gm, gm_bg = edge_band_masks(gm, gen_edge_band)
         g_fg, t_fg = foreground_view(gx, gm), foreground_view(tx, tm)
-        g_bg, t_bg = background_view(gx, gm), background_view(tx, tm)
+        g_bg, t_bg = background_view(gx, gm_bg), background_view(tx, tm)
         if metric == METRIC_REGION:
-            fg_r, bg_r = region_masks(gm, tm)
+            fg_r, bg_r = region_masks(gm, tm, gm_bg)
             fg = region_ms_ssim(g_fg, t_fg, fg_r, **kw)
             bg = region_ms_ssim(g_bg, t_bg, bg_r, **kw)
         else:
             fg = ms_ssim(g_fg, t_fg, data_range=DATA_RANGE, size_average=False, **kw)
             bg = ms_ssim(g_bg, t_bg, data_range=DATA_RANGE, size_average=False, **kw)
-        rows.append({k: v.cpu() for k, v in _apply_beta(full, fg, bg, _areas(gm, tm), metric, beta).items()})
+        rows.append({k: v.cpu() for k, v in _apply_beta(full, fg, bg, _areas(gm, tm, gm_bg), metric, beta).items()})
     return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
