@@ -495,7 +495,7 @@ def demo_cmd(
     from fbmem.jobs.demo import run_demo
 
     cfg = _config(preset, config, set_)
-    run_demo(cfg, out)
+    run_demo(cfg, out, overrides=_parse_sets(set_))  # --set wins over the demo's own settings
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fbmem.jobs.config import Config
+from fbmem.jobs.config import Config, set_dotted
 from fbmem.jobs.ray_session import ensure_ray
 from fbmem.jobs.run_record import RunRecord
 from fbmem.jobs.sql_output import format_table
@@ -48,8 +48,9 @@ def build_world(out: Path, spec: ToyCorpusSpec):
     return world, corpus
 
 
-def demo_config(base: Config, model_dir: Path) -> Config:
-    """The demo's settings on top of the given (tiny) preset."""
+def demo_config(base: Config, model_dir: Path, overrides: dict[str, object] | None = None) -> Config:
+    """The demo's settings on top of the given (tiny) preset, then the caller's dotted overrides
+    (`fbmem demo --set generation.n=2` must win over the demo's own choice)."""
     data = base.model_dump()
     data["models"]["diffusion"] = {"model": str(model_dir), "tiny": False, "seed": 0, "revision": None}
     data["models"]["segmenter"]["backend"] = "colour"
@@ -64,6 +65,8 @@ def demo_config(base: Config, model_dir: Path) -> Config:
     data["generation"].update(steps=50, guidance=6.0, size=64, n=5)
     data["nemo"].update(refine_batch=8)
     data["cluster"]["k"] = 4
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
     return Config.model_validate(data)
 
 
@@ -114,7 +117,10 @@ def nemo_outcomes(db: Database) -> str:
         WHERE n.n_initial IS NOT NULL ORDER BY p.planted DESC, p.text"""))
 
 
-def run_demo(cfg: Config, out: Path) -> None:
+def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = None,
+             corpus_spec: ToyCorpusSpec | None = None, train_spec=None) -> None:
+    """The whole demo into `out`. The specs default to the real toy world and model; tests pass
+    small ones."""
     from fbmem.jobs.cluster_job import run_cluster
     from fbmem.jobs.generate_job import run_generate
     from fbmem.jobs.label_job import format_distribution, run_label_job
@@ -130,16 +136,16 @@ def run_demo(cfg: Config, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     _step("toy world")
-    world, corpus = build_world(out, ToyCorpusSpec())
+    world, corpus = build_world(out, corpus_spec or ToyCorpusSpec())
     print(f"{len(corpus.images)} training images, {len(corpus.prompts)} prompts "
           f"(groups: {', '.join(f'{g} {sum(p.planted == g for p in corpus.prompts)}' for g in ('VM', 'FM', 'BM', 'NM'))})")
 
     _step("toy diffusion model (trained here on the CPU; reused when cached)")
     t = time.perf_counter()
-    model_dir = ensure_toy_model(out / "model", corpus, ToyTrainSpec())
+    model_dir = ensure_toy_model(out / "model", corpus, train_spec or ToyTrainSpec())
     print(f"model: {model_dir} ({time.perf_counter() - t:.0f} s)")
 
-    cfg = demo_config(cfg, model_dir)
+    cfg = demo_config(cfg, model_dir, overrides)
     db = connect(str(out / "db"), cfg.storage_options)
     ensure_ray(cfg)
 
