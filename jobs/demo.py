@@ -18,6 +18,7 @@ rerun-safe job: a second demo reuses what it finds.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -115,6 +116,47 @@ def nemo_outcomes(db: Database) -> str:
                n.n_initial, n.n_refined, n.criterion_reached, n.message
         FROM nemo_prompts n JOIN prompts p USING (prompt_id)
         WHERE n.n_initial IS NOT NULL ORDER BY p.planted DESC, p.text"""))
+
+
+def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int = 2, seed: int = 0) -> str | None:
+    """NeMo-C against chance: the VM prompts' samples with nothing off, with their cluster's
+    union off, and with random neuron sets of the same size per layer (TOY.md: report a
+    random-neuron control). Scored like `fbmem toy train`'s check (the toy world's exact masks,
+    full MS-SSIM > tau), because random sets have no place in the generations table."""
+    import random
+
+    from fbmem.jobs.mitigate_job import refined_sets, union_by_cluster
+    from fbmem.jobs.neuron_hooks import deactivate, find_value_layers
+    from fbmem.jobs.toy_train import score_generations
+    from fbmem.pipelines.generator import generate_images, sample_seed
+
+    model_id = cfg.models.diffusion.model_id
+    refined = refined_sets(db, model_id)
+    clusters = {r["prompt_id"]: r["cluster_id"] for r in db.read("prompts", ["prompt_id", "cluster_id"]).to_pylist()}
+    unions = union_by_cluster(refined, clusters)
+    widths = {l.idx: l.out_features for l in find_value_layers(pipe.unet)}
+    rng = random.Random(seed)
+    tau = cfg.fbmem.thresholds[0]
+    hits: dict[str, list[bool]] = {}
+    g = cfg.generation
+    for p in db.read("prompts", ["prompt_id", "text", "cluster_id"], where="planted = 'VM'").to_pylist():
+        union = unions.get(p["cluster_id"])
+        if not union:
+            continue
+        seeds = [sample_seed(g.base_seed, p["prompt_id"], i) for i in range(g.n)]  # the demo's own samples
+        conds = {"nothing off": None, "NeMo-C union": union}
+        for k in range(draws):
+            conds[f"random {k + 1}"] = {li: sorted(rng.sample(range(widths[li]), len(ns))) for li, ns in union.items()}
+        for name, neurons in conds.items():
+            with deactivate(pipe.unet, neurons or {}, alpha=cfg.nemo.alpha) if neurons else contextlib.nullcontext():
+                images = generate_images(pipe, [p["text"]] * len(seeds), seeds, steps=g.steps,
+                                         guidance=g.guidance, size=g.size)
+            rows = score_generations(corpus, [(p["text"], s, im) for s, im in zip(seeds, images)])["rows"]
+            hits.setdefault(name, []).extend(r["full"] > tau for r in rows)
+    if not hits:
+        return None
+    return ("control, VM prompts with a NeMo-C union (exact masks, full MS-SSIM > "
+            f"{tau:g}): " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in hits.items()))
 
 
 def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = None,
@@ -215,6 +257,11 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
         r = results[method]
         print(f"{method}: mitigation score {r['score']:.3f} over {r['pairs']} pairs; "
               f"VM before {r['vm_before']}, after {r['vm_after']}")
+
+    if "nemo-c" in results:
+        line = random_neuron_control(db, cfg, pipe, corpus)
+        if line:
+            print(line)
 
     _step("label shares per planted group (before and after mitigation)")
     print(label_shares_by_group(db))
