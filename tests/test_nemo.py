@@ -50,6 +50,7 @@ from fbmem.jobs.neuron_hooks import find_value_layers, value_activations
 from fbmem.jobs.run_record import RunRecord
 from fbmem.pipelines.diffusion_models import TinySpec, build_tiny_components
 from fbmem.storage.database import connect
+from model_shapes import sd14_unet_on_meta
 
 torch.set_num_threads(1)
 
@@ -107,20 +108,6 @@ def test_activation_stats_match_torch():
         assert torch.allclose(st[i][1], a.std(0), atol=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         activation_stats({0: torch.rand(1, 4)})
-
-
-def sd14_unet_on_meta():
-    """An SD 1.4-shaped UNet (v1-4 unet config) with no memory: parameters on the meta device."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            cross_attention_dim=768, attention_head_dim=8,
-        )
 
 
 def test_sd14_stats_csv_loads(shared_data):

@@ -16,6 +16,7 @@ from fbmem.jobs.neuron_hooks import (
     value_activations,
 )
 from fbmem.pipelines.diffusion_models import TinySpec, build_tiny_components
+from model_shapes import sd14_unet_on_meta
 
 torch.set_num_threads(1)
 
@@ -36,20 +37,6 @@ def inputs(tiny):
 def run(unet, x, e, t=961):
     with torch.no_grad():
         return unet(x, torch.tensor(t), encoder_hidden_states=e).sample
-
-
-def sd14_unet_on_meta():
-    """An SD 1.4-shaped UNet (v1-4 unet config) with no memory: parameters on the meta device."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            cross_attention_dim=768, attention_head_dim=8,
-        )
 
 
 def test_value_layers_are_down_then_mid_cross_attention_values(tiny):
