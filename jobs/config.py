@@ -129,10 +129,11 @@ class FBMemConfig(_Strict):
     ms_weights: list[float] = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
     small_images: Literal["upsample", "reject"] = "upsample"
     chunk_pairs: int = Field(16, ge=1)  # pairs per batched scorer call (bounds memory)
-    # Pixels (at S) around a GENERATED image's mask edge left out of both regions: the foreground
-    # from the mask eroded, the background from it dilated (region_similarity.edge_band_masks).
-    # 0 = SPEC section 1 as written; blurry samples (the toy model's) need ~1 px of their own size.
-    gen_edge_band: int = Field(0, ge=0)
+    # Pixels (at S) along each region's edge left out of it (`region` metric): windows there reach
+    # across into pixels where the views differ because the masks do (region_similarity.
+    # region_interior). 0 = SPEC section 1 as written; small blurry objects (the toy model's 64 px
+    # samples) need ~2 px of their own size.
+    edge_band: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _odd_window(self) -> "FBMemConfig":

@@ -62,7 +62,7 @@ def demo_config(base: Config, model_dir: Path, overrides: dict[str, object] | No
     # threads were no faster at this size)
     data["resources"]["generate"].update(num_cpus=1.0, pool_size=1, batch_size=20)
     data["fbmem"]["image_size"] = 192
-    data["fbmem"]["gen_edge_band"] = 3  # 1 px of the 64 px samples (see FBMemConfig)
+    data["fbmem"]["edge_band"] = 6  # 2 px of the 64 px samples (see FBMemConfig)
     data["generation"].update(steps=50, guidance=6.0, size=64, n=5)
     data["nemo"].update(refine_batch=8)
     data["cluster"]["k"] = 4

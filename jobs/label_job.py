@@ -43,8 +43,8 @@ def score_settings(cfg: Config) -> dict:
     f = cfg.fbmem
     out = {"metric": f.region_metric, "S": f.image_size, "beta": f.beta, "win": f.win_size,
            "sigma": f.win_sigma, "weights": list(f.ms_weights), "small": f.small_images}
-    if f.gen_edge_band:  # only when set, so pair ids scored under SPEC settings stay what they were
-        out["gen_edge_band"] = f.gen_edge_band
+    if f.edge_band:  # only when set, so pair ids scored under SPEC settings stay what they were
+        out["edge_band"] = f.edge_band
     return out
 
 
@@ -130,7 +130,7 @@ class PairScorer:
                 train_idx=torch.tensor([ipos[p["image_id"]] for p in ok]),
                 metric=f.region_metric, beta=f.beta, win_size=f.win_size, win_sigma=f.win_sigma,
                 weights=f.ms_weights, chunk_size=f.chunk_pairs, small_images=f.small_images,
-                gen_edge_band=f.gen_edge_band,
+                edge_band=f.edge_band,
             )
             tf, tg, tb = f.thresholds
             labels, fired = pair_labels(res["full"].numpy(), res["fg"].numpy(), res["bg"].numpy(),

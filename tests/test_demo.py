@@ -28,8 +28,8 @@ OVERRIDES = {"generation.n": 2, "generation.steps": 4, "nemo.n_latents": 3, "clu
 
 
 def test_overrides_win_over_the_demo_settings(tiny_cfg, tmp_path: Path) -> None:
-    cfg = demo_config(tiny_cfg, tmp_path, {"generation.n": 2, "fbmem.gen_edge_band": 0})
-    assert cfg.generation.n == 2 and cfg.fbmem.gen_edge_band == 0
+    cfg = demo_config(tiny_cfg, tmp_path, {"generation.n": 2, "fbmem.edge_band": 0})
+    assert cfg.generation.n == 2 and cfg.fbmem.edge_band == 0
     assert cfg.models.segmenter.backend == "colour" and cfg.generation.steps == 50  # demo's own
     assert demo_config(tiny_cfg, tmp_path).generation.n == 5
 

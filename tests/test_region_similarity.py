@@ -331,40 +331,51 @@ def test_views_properties(xm):
     torch.testing.assert_close(background_view(x, m), bg)
 
 
-def test_edge_band_masks_erode_and_dilate_by_the_band():
-    from fbmem.jobs.region_similarity import edge_band_masks
+def test_region_interior_erodes_by_the_band():
+    from fbmem.jobs.region_similarity import region_interior, region_masks
 
     m = torch.zeros(1, 1, 21, 21)
     m[..., 5:16, 5:16] = 1.0
-    fg, bg = edge_band_masks(m, 2)
-    assert fg.sum() == 7 * 7 and bg.sum() == 15 * 15  # 11x11 square shrunk / grown by 2 each side
-    assert torch.equal(fg, fg * m) and torch.equal(bg * m, m)
-    same = edge_band_masks(m, 0)
-    assert same[0] is m and same[1] is m
+    assert region_interior(m, 2).sum() == 7 * 7  # the 11x11 square shrunk by 2 each side
+    assert region_interior(m, 0) is m
+    fg, bg = region_masks(m, m, 2)
+    assert fg.sum() == 7 * 7 and bg.sum() == 21 * 21 - 15 * 15  # both regions lose a 2 px rim
     with pytest.raises(ValueError, match="edge band"):
-        edge_band_masks(m, -1)
+        region_interior(m, -1)
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_edge_band_batched_equals_loop_and_leaves_the_band_out(metric):
+def test_edge_band_batched_equals_loop_and_leaves_the_rim_out(metric):
     gx, gm, tx, tm = related_pairs(3)
     gi, ti = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 0])
-    ref = score_pair_loop(gx, gm, tx, tm, gen_idx=gi, train_idx=ti, metric=metric, gen_edge_band=4)
-    got = score_pairs(gx, gm, tx, tm, gen_idx=gi, train_idx=ti, metric=metric, gen_edge_band=4)
+    ref = score_pair_loop(gx, gm, tx, tm, gen_idx=gi, train_idx=ti, metric=metric, edge_band=4)
+    got = score_pairs(gx, gm, tx, tm, gen_idx=gi, train_idx=ti, metric=metric, edge_band=4)
     for key in ("full", "fg", "bg", "fg_area", "bg_area"):
         torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0)
     plain = score_pairs(gx, gm, tx, tm, gen_idx=gi, train_idx=ti, metric=metric)
     torch.testing.assert_close(got["full"], plain["full"], atol=0, rtol=0)  # the full view is untouched
-    if metric == METRIC_REGION:  # both regions shrink: the band belongs to neither
+    if metric == METRIC_REGION:  # both regions shrink
         assert bool((got["fg_area"] < plain["fg_area"]).all()) and bool((got["bg_area"] < plain["bg_area"]).all())
+    else:  # masked-view has no regions: the band changes no score
+        for key in ("fg", "bg"):
+            torch.testing.assert_close(got[key], plain[key], atol=0, rtol=0)
+
+
+def test_edge_band_keeps_an_exact_copy_perfect():
+    """The band only narrows where the maps are averaged: the views stay X * m, so a copy with
+    the same mask still scores 1 (blackening the band in one view would not)."""
+    _, _, tx, tm = related_pairs(1)
+    got = score_pairs(tx, tm, tx, tm, edge_band=6)
+    for key in ("full", "fg", "bg"):
+        assert float(got[key][0]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_edge_band_rescues_a_soft_edged_copy():
     """A generation that is the training image blurred (soft object edge), with its mask's edge
-    set a few pixels off: leaving the band out raises the foreground score toward the copy's."""
+    set a few pixels off: leaving the rim out raises the foreground score toward the copy's."""
     gx, gm, tx, tm = related_pairs(1)
     soft = F.avg_pool2d(tx, 5, stride=1, padding=2)
     off = F.max_pool2d(tm, 5, stride=1, padding=2)  # the segmenter's edge 2 px outside the truth
     plain = score_pairs(soft, off, tx, tm)
-    banded = score_pairs(soft, off, tx, tm, gen_edge_band=3)
+    banded = score_pairs(soft, off, tx, tm, edge_band=3)
     assert float(banded["fg"][0]) > float(plain["fg"][0])
