@@ -599,23 +599,20 @@ def write_corpus(corpus: ToyCorpus, folder: str | Path) -> CorpusPaths:
     - `images/NAME.png` with sidecars `images/NAME.txt` (the training caption) and
       `images/NAME.mask.png` (8-bit L, 255 = foreground): a folder source.
     - `manifest.csv` (`uri`, `caption`, `mask_uri`, `id`) over the same files: a manifest source.
-    - `prompts.csv` (`prompt`, `planted`, `url`, `id`, `linked_sha256`): one row per prompt, linked
-      to one training image of its group (the duplicated image for VM, the group's first image
-      otherwise).
+    - `prompts.csv` (`prompt`, `planted`, `url`, `id`): one row per prompt, linked to one training
+      image of its group (the duplicated image for VM, the group's first image otherwise): `url`
+      is its path relative to the folder, `id` the sha256 of its bytes (see below).
     - `groups.csv` (`image`, `group_id`, `planted`, `prompt`, `sha256`): every image's group, so an
       evaluation can find all of a prompt's training images.
 
-    Ids: an image's id is its path relative to the folder, `images/NAME.png`. That is the
-    `source_id` a folder ingest of `folder` gives it and the `id` written in the manifest, so the
-    prompts' `id` (and their relative `url`, which resolves against the prompts file's folder)
-    name the same row whichever way the corpus is ingested.
-
-    Consequence of VM duplicates: the copies of a VM image are byte-identical files, so an ingest
-    that keys training images on the sha256 of their bytes keeps ONE row per VM group, under
-    whichever copy it met first; that is right for an audit (one image, memorized). All copies
-    are written anyway because training needs them. The kept row's `source_id` may be another
-    copy's name than the prompt's `url`: link prompts to training rows by `linked_sha256` (the
-    content hash, equal to the ingested `image_id`), which holds whichever copy was kept.
+    Ids: the manifest's `id` is an image's path relative to the folder, `images/NAME.png` (the
+    `source_id` a folder ingest of `folder` gives it). A prompt's `id` is the content hash of its
+    linked image instead, which is the ingested row's `image_id`: the copies of a VM image are
+    byte-identical files, so an ingest keyed on that hash keeps ONE row per VM group, under
+    whichever copy it met last (right for an audit: one image, memorized), and a path would name
+    a copy that may not be the kept one. The hash finds the row whichever copy was kept and
+    whichever folder was ingested, so the linked candidates (SPEC 3) always join. All copies are
+    written anyway because training needs them.
     """
     root = Path(folder)
     img_dir = root / "images"
@@ -647,8 +644,8 @@ def write_corpus(corpus: ToyCorpus, folder: str | Path) -> CorpusPaths:
     for pr in corpus.prompts:
         first = pr.linked[0]
         rel = f"images/{first}.png"
-        prompt_rows.append([pr.text, pr.planted, rel, rel, sha[first]])
-    write_csv(root / "prompts.csv", ["prompt", "planted", "url", "id", "linked_sha256"], prompt_rows)
+        prompt_rows.append([pr.text, pr.planted, rel, sha[first]])
+    write_csv(root / "prompts.csv", ["prompt", "planted", "url", "id"], prompt_rows)
     write_csv(root / "manifest.csv", ["uri", "caption", "mask_uri", "id"], manifest_rows)
     write_csv(root / "groups.csv", ["image", "group_id", "planted", "prompt", "sha256"], group_rows)
     return CorpusPaths(root, img_dir, root / "prompts.csv", root / "manifest.csv", root / "groups.csv", paths)

@@ -56,6 +56,16 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_its_work(tiny_cfg, tmp_path: P
         WHERE l.rule = 'most-severe' AND g.mitigation = 'none' GROUP BY 1""").to_pylist()
     assert {r["planted"]: r["n"] for r in shares} == {"VM": 4, "FM": 4, "BM": 4, "NM": 8}
     assert run_query(db, "SELECT count(*) AS n FROM nemo_prompts").column("n")[0].as_py() == n_prompts
+    # every generation was compared with the training image its prompt names (SPEC 3: linked
+    # candidates), whatever the ANN index returned
+    unlinked = run_query(db, """
+        SELECT g.generation_id FROM generations g JOIN prompts p ON p.prompt_id = g.prompt_id
+        JOIN training_images t ON t.image_id = p.linked_id
+        WHERE g.mitigation = 'none' AND NOT EXISTS (
+            SELECT 1 FROM pair_scores s WHERE s.generation_id = g.generation_id AND s.image_id = t.image_id)""")
+    linked = run_query(db, """
+        SELECT count(*) AS n FROM prompts p JOIN training_images t ON t.image_id = p.linked_id""")
+    assert linked.column("n")[0].as_py() == n_prompts and unlinked.num_rows == 0
     for planted in ("VM", "FM", "BM", "NM"):
         assert f"\n{planted} " in text  # one row per planted group in the printed shares
 

@@ -342,14 +342,13 @@ def test_vm_copies_are_byte_identical_files(written) -> None:
 def test_prompts_csv_links_each_prompt_to_a_training_image(written) -> None:
     corpus, paths = written
     header, rows = _read_csv(paths.prompts_csv)
-    assert header[:4] == ["prompt", "planted", "url", "id"]
+    assert header == ["prompt", "planted", "url", "id"]
     assert [r["prompt"] for r in rows] == [p.text for p in corpus.prompts]
     assert [r["planted"] for r in rows] == [p.planted for p in corpus.prompts]
     for r, p in zip(rows, corpus.prompts):
         target = paths.root / r["url"]
         assert target == paths.image_paths[p.linked[0]]
-        assert r["id"] == r["url"]
-        assert r["linked_sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
+        assert r["id"] == hashlib.sha256(target.read_bytes()).hexdigest()  # the ingested image_id
 
 
 def test_prompts_csv_reads_as_a_prompt_set(written) -> None:
