@@ -201,6 +201,17 @@ def test_fm_background_kinds_are_a_setting() -> None:
         ToyCorpusSpec(fm_bg_kinds=("plaid",))
 
 
+def test_fm_shapes_are_a_setting() -> None:
+    default = {r.fg.shape for r in build_corpus(SMALL).images if r.planted == "FM"}
+    assert default and default <= set(SMALL.fm_shapes) and not default & {"ring", "star", "cross"}
+    spec = dataclasses.replace(SMALL, fm_shapes=("ring",))
+    assert {r.fg.shape for r in build_corpus(spec).images if r.planted == "FM"} == {"ring"}
+    with pytest.raises(ValueError, match="fm_shapes"):
+        ToyCorpusSpec(fm_shapes=("blob",))
+    with pytest.raises(ValueError, match="fm_shapes"):
+        ToyCorpusSpec(fm_shapes=())
+
+
 def test_bm_groups_keep_the_background_and_change_the_object(small) -> None:
     for p in (p for p in small.prompts if p.planted == "BM"):
         members = small.group(p.group_id)
