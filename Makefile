@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/score.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/toy_train.py
 
 clean:
 	rm -rf fbmem-demo .pytest_cache

@@ -47,7 +47,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory) -> Path:
-    return train_toy_model(tmp_path_factory.mktemp("toy") / "model", corpus, TINY, log_every=0, num_threads=1)
+    return train_toy_model(tmp_path_factory.mktemp("toy") / "model", corpus, TINY, log_every=0, processes=1)
 
 
 @pytest.fixture
@@ -95,9 +95,9 @@ def test_load_pipeline_loads_and_samples_offline(trained: Path, no_network) -> N
 
 
 def test_same_seed_same_weights_other_seed_differs(corpus, tmp_path: Path) -> None:
-    a = train_toy_model(tmp_path / "a", corpus, SHORT, log_every=0, num_threads=1)
-    b = train_toy_model(tmp_path / "b", corpus, SHORT, log_every=0, num_threads=1)
-    c = train_toy_model(tmp_path / "c", corpus, dataclasses.replace(SHORT, seed=1), log_every=0, num_threads=1)
+    a = train_toy_model(tmp_path / "a", corpus, SHORT, log_every=0, processes=1)
+    b = train_toy_model(tmp_path / "b", corpus, SHORT, log_every=0, processes=1)
+    c = train_toy_model(tmp_path / "c", corpus, dataclasses.replace(SHORT, seed=1), log_every=0, processes=1)
     la, lb, lc = (read_record(p)["losses"] for p in (a, b, c))
     assert la == lb
     assert la["unet"] != lc["unet"]
@@ -108,26 +108,48 @@ def test_same_seed_same_weights_other_seed_differs(corpus, tmp_path: Path) -> No
         (b / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
+def test_two_processes_reproduce_and_match_one_process(corpus, tmp_path: Path) -> None:
+    """Data-parallel ranks train on halves of each batch: the run repeats bit for bit, and it
+    follows the one-process run up to float summation order."""
+    a = train_toy_model(tmp_path / "a", corpus, SHORT, log_every=0, processes=2)
+    b = train_toy_model(tmp_path / "b", corpus, SHORT, log_every=0, processes=2)
+    one = train_toy_model(tmp_path / "one", corpus, SHORT, log_every=0, processes=1)
+    wa, wb, w1 = (load_file(p / UNET_WEIGHTS) for p in (a, b, one))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.allclose(wa[k], w1[k], atol=1e-4) for k in wa)
+    la, l1 = read_record(a)["losses"], read_record(one)["losses"]
+    assert la["unet"] == pytest.approx(l1["unet"], rel=1e-4)
+    assert la["autoencoder"] == pytest.approx(l1["autoencoder"], rel=1e-4)
+    assert read_record(a)["processes"] == 2
+
+
+def test_batch_must_split_evenly_across_processes(corpus, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unet_batch=9 is not divisible by processes=2"):
+        train_toy_model(tmp_path / "x", corpus, dataclasses.replace(SHORT, unet_batch=9), processes=2)
+    with pytest.raises(ValueError, match="processes=1"):
+        train_toy_model(tmp_path / "x", corpus, dataclasses.replace(SHORT, frozen_text_encoder=False), processes=2)
+
+
 def test_cache_reused_for_same_spec_and_corpus_else_retrained(trained: Path, corpus, tmp_path: Path) -> None:
     folder = tmp_path / "cached"
     shutil.copytree(trained, folder)
     before = (folder / UNET_WEIGHTS).stat().st_mtime_ns
-    assert ensure_toy_model(folder, corpus, TINY, num_threads=1) == folder
+    assert ensure_toy_model(folder, corpus, TINY, processes=1) == folder
     assert (folder / UNET_WEIGHTS).stat().st_mtime_ns == before  # reused, not retrained
 
     other = build_corpus(dataclasses.replace(CORPUS_SPEC, seed=2))
-    ok, why = cached_model_matches(folder, other, TINY, num_threads=1)
+    ok, why = cached_model_matches(folder, other, TINY, processes=1)
     assert not ok and "corpus" in why
-    ok, why = cached_model_matches(folder, corpus, TINY, num_threads=2)  # other weights: retrain
-    assert not ok and "threads" in why
+    ok, why = cached_model_matches(folder, corpus, TINY, processes=2)  # other weights: retrain
+    assert not ok and "processes" in why
 
-    ensure_toy_model(folder, corpus, SHORT, log_every=0, num_threads=1)  # spec changed: retrains
+    ensure_toy_model(folder, corpus, SHORT, log_every=0, processes=1)  # spec changed: retrains
     rec = read_record(folder)
     assert rec["spec"] == SHORT.to_json() and len(rec["losses"]["unet"]) == SHORT.unet_steps
-    assert cached_model_matches(folder, corpus, SHORT, num_threads=1)[0]
+    assert cached_model_matches(folder, corpus, SHORT, processes=1)[0]
 
     (folder / META_NAME).write_text("{not json")
-    assert cached_model_matches(folder, corpus, SHORT, num_threads=1) == (False, "no training record")
+    assert cached_model_matches(folder, corpus, SHORT, processes=1) == (False, "no training record")
 
 
 def test_score_generations_tells_planted_cases_apart(corpus) -> None:
@@ -184,7 +206,7 @@ def test_text_encoder_frozen_by_default_trained_on_request(trained: Path, corpus
     frozen = load_file(trained / "text_encoder" / "model.safetensors")
     assert all(torch.equal(frozen[k], init[k]) for k in frozen)  # Stable Diffusion's setting
     unfrozen = train_toy_model(tmp_path / "unfrozen", corpus, dataclasses.replace(SHORT, frozen_text_encoder=False),
-                               log_every=0, num_threads=1)
+                               log_every=0, processes=1)
     moved = load_file(unfrozen / "text_encoder" / "model.safetensors")
     assert any(not torch.equal(moved[k], init[k]) for k in moved if k in init)
 
