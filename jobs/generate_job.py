@@ -34,7 +34,7 @@ from fbmem.pipelines.generator import (
     recipe_id,
     sample_seed,
 )
-from fbmem.pipelines.ingest import _actor_kwargs, _check_model_matches, error_id, image_rows
+from fbmem.pipelines.ingest import _actor_kwargs, _check_model_matches, batch_blocks, error_id, image_rows
 from fbmem.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,8 @@ def build_generate_stream(recipes: pa.Table, cfg: Config) -> ray.data.Dataset:
 
     res = cfg.resources
     step = res.generate.batch_size
-    blocks = [recipes.slice(i, step) for i in range(0, recipes.num_rows, step)]
     cfg_json = cfg.to_json()
-    ds = ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow(batch_blocks(recipes, step))
     ds = ds.map_batches(Generator, fn_constructor_args=(cfg_json,), **_actor_kwargs(res.generate))
     ds = ds.map_batches(SamSegmenter, fn_constructor_args=(cfg_json,), **_actor_kwargs(res.segment))
     ds = ds.map_batches(ClipImageEmbedder, fn_constructor_args=(cfg_json,), **_actor_kwargs(res.embed))

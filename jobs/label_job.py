@@ -31,7 +31,7 @@ from fbmem.jobs.lazy_masks import ensure_masks
 from fbmem.jobs.cpu_allocator import retain_freed_memory
 from fbmem.jobs.region_similarity import prepare_batch, score_pairs
 from fbmem.jobs.run_record import RunRecord, now_utc
-from fbmem.pipelines.ingest import _actor_kwargs, error_id
+from fbmem.pipelines.ingest import _actor_kwargs, batch_blocks, error_id
 from fbmem.storage.database import Database, connect
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def run_label_job(db: Database, cfg: Config, *, run: RunRecord, force: bool = Fa
     run.metrics["masks_made_generations"] = ensure_masks(db, cfg, "generations", gens.column("generation_id").to_pylist(), run)
 
     res = cfg.resources.score
-    ds = ray.data.from_arrow(cands).map_batches(
+    ds = ray.data.from_arrow(batch_blocks(cands, res.batch_size)).map_batches(
         PairScorer, fn_constructor_args=(cfg.to_json(), db.uri), **_actor_kwargs(res)
     )
     scored: list[dict] = []

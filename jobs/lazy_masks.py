@@ -16,7 +16,7 @@ from tqdm import tqdm
 from fbmem.jobs.candidates import sql_list
 from fbmem.jobs.config import Config
 from fbmem.jobs.run_record import RunRecord
-from fbmem.pipelines.ingest import _actor_kwargs, error_id
+from fbmem.pipelines.ingest import _actor_kwargs, batch_blocks, error_id
 from fbmem.jobs.run_record import now_utc
 from fbmem.storage.database import Database
 
@@ -45,7 +45,7 @@ def ensure_masks(db: Database, cfg: Config, table: str, ids: list[str], run: Run
     key = KEY_OF[table]
     log.info("segmenting %d %s rows that became candidates (lazy masks)", len(todo), table)
     rows = db.read(table, where=f"{key} IN ({sql_list(todo)})")
-    ds = ray.data.from_arrow(rows).map_batches(
+    ds = ray.data.from_arrow(batch_blocks(rows, cfg.resources.segment.batch_size)).map_batches(
         SamSegmenter, fn_constructor_args=(cfg.to_json(),), **_actor_kwargs(cfg.resources.segment)
     )
     done = 0

@@ -118,6 +118,14 @@ def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
     return table.append_column(name, arr)
 
 
+def batch_blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """`table` cut into blocks of `rows` (an actor batch) for `ray.data.from_arrow`. One block goes
+    to one actor: a table handed over whole kept a pool of several actors at one busy actor."""
+    if table.num_rows == 0:
+        return [table]
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+
+
 def _actor_kwargs(res: ActorResources) -> dict:
     return dict(
         compute=ActorPoolStrategy(size=res.pool_size),

@@ -187,3 +187,32 @@ def test_tables_and_sql_formats(folder_db, tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_table(pq_path).num_rows == 50
+
+
+def test_batch_blocks_spread_a_table_over_an_actor_pool(ray_local) -> None:
+    """Handed over whole, a table is one block and one actor of the pool does all the work."""
+    import pyarrow as pa
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from fbmem.pipelines.ingest import batch_blocks
+
+    table = pa.table({"x": list(range(40))})
+    blocks = batch_blocks(table, 8)
+    assert [b.num_rows for b in blocks] == [8] * 5
+    assert pa.concat_tables(blocks).column("x").to_pylist() == list(range(40))
+    assert batch_blocks(table.slice(0, 0), 8)[0].num_rows == 0
+
+    class Pid:  # defined here: Ray ships it by value (the workers cannot import test modules)
+        def __call__(self, batch):
+            import os
+
+            return pa.table({"pid": [os.getpid()] * batch.num_rows})
+
+    def pids(tables) -> set[int]:
+        ds = ray.data.from_arrow(tables).map_batches(Pid, compute=ActorPoolStrategy(size=2), num_cpus=0.25,
+                                                     batch_size=8, batch_format="pyarrow")
+        return {r["pid"] for r in ds.take_all()}
+
+    assert len(pids(table)) == 1
+    assert len(pids(blocks)) == 2
