@@ -58,9 +58,13 @@ def demo_config(base: Config, model_dir: Path, overrides: dict[str, object] | No
     data["candidates"].update(mode="ann", k=20)
     # scoring is the demo's heaviest stage: one single-threaded actor per core
     data["resources"]["score"].update(num_cpus=1.0, pool_size=2)
-    # one prompt's samples per UNet batch and more: 0.34 s/image at 20 vs 0.44 at 4 (1 thread; 2
-    # threads were no faster at this size)
-    data["resources"]["generate"].update(num_cpus=1.0, pool_size=1, batch_size=20)
+    # Generation: one single-thread actor per core (2 threads in one actor were no faster at this
+    # size), one prompt's samples per UNet batch and more (0.34 s/image at 20 vs 0.44 at 4). The
+    # colour segmenter and the CLIP embedder behind it are light: a fifth of a CPU each, so all
+    # four actors start at once on 2 cores (at 1 CPU each the later stages waited for the CPUs).
+    data["resources"]["generate"].update(num_cpus=0.8, pool_size=2, batch_size=20)
+    data["resources"]["segment"].update(num_cpus=0.2)
+    data["resources"]["embed"].update(num_cpus=0.2)
     data["fbmem"]["image_size"] = 192
     data["fbmem"]["edge_band"] = 6  # 2 px of the 64 px samples (see FBMemConfig)
     data["generation"].update(steps=50, guidance=6.0, size=64, n=5)
@@ -71,8 +75,12 @@ def demo_config(base: Config, model_dir: Path, overrides: dict[str, object] | No
     return Config.model_validate(data)
 
 
+_T0 = [time.perf_counter()]
+
+
 def _step(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+    """A section header with the time since the demo started (where the minutes go)."""
+    print(f"\n== {title}  [{time.perf_counter() - _T0[0]:.0f} s]", flush=True)
 
 
 def _sql(db: Database, name: str, **params):
@@ -118,11 +126,27 @@ def nemo_outcomes(db: Database) -> str:
         WHERE n.n_initial IS NOT NULL ORDER BY p.planted DESC, p.text"""))
 
 
+def _baseline_samples(db: Database, prompt_id: str, n: int) -> list[np.ndarray] | None:
+    """The prompt's stored samples 0..n-1 without mitigation, as uint8 arrays, or None if any is
+    missing (then the control generates them)."""
+    import io
+
+    from PIL import Image
+
+    rows = db.read("generations", ["sample", "image_bytes"],
+                   where=f"prompt_id = '{prompt_id}' AND mitigation = 'none'").to_pylist()
+    by_sample = {r["sample"]: r["image_bytes"] for r in rows if r["image_bytes"]}
+    if any(i not in by_sample for i in range(n)):
+        return None
+    return [np.asarray(Image.open(io.BytesIO(by_sample[i])).convert("RGB")) for i in range(n)]
+
+
 def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int = 2, seed: int = 0) -> str | None:
-    """NeMo-C against chance: the VM prompts' samples with nothing off, with their cluster's
-    union off, and with random neuron sets of the same size per layer (TOY.md: report a
-    random-neuron control). Scored like `fbmem toy train`'s check (the toy world's exact masks,
-    full MS-SSIM > tau), because random sets have no place in the generations table."""
+    """NeMo-C against chance: the VM prompts' samples with nothing off (the audited samples
+    themselves, read back), with their cluster's union off, and with random neuron sets of the
+    same size per layer (TOY.md: report a random-neuron control). Scored like `fbmem toy train`'s
+    check (the toy world's exact masks, full MS-SSIM > tau), because random sets have no place in
+    the generations table."""
     import random
 
     from fbmem.jobs.mitigate_job import refined_sets, union_by_cluster
@@ -148,9 +172,11 @@ def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int
         for k in range(draws):
             conds[f"random {k + 1}"] = {li: sorted(rng.sample(range(widths[li]), len(ns))) for li, ns in union.items()}
         for name, neurons in conds.items():
-            with deactivate(pipe.unet, neurons or {}, alpha=cfg.nemo.alpha) if neurons else contextlib.nullcontext():
-                images = generate_images(pipe, [p["text"]] * len(seeds), seeds, steps=g.steps,
-                                         guidance=g.guidance, size=g.size)
+            images = _baseline_samples(db, p["prompt_id"], g.n) if neurons is None else None
+            if images is None:
+                with deactivate(pipe.unet, neurons or {}, alpha=cfg.nemo.alpha) if neurons else contextlib.nullcontext():
+                    images = generate_images(pipe, [p["text"]] * len(seeds), seeds, steps=g.steps,
+                                             guidance=g.guidance, size=g.size)
             rows = score_generations(corpus, [(p["text"], s, im) for s, im in zip(seeds, images)])["rows"]
             hits.setdefault(name, []).extend(r["full"] > tau for r in rows)
     if not hits:
@@ -173,7 +199,7 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     from fbmem.pipelines.ingest import ingest_images
     from fbmem.pipelines.prompt_ingest import ingest_prompts
 
-    t0 = time.perf_counter()
+    t0 = _T0[0] = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -187,6 +213,7 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     model_dir = ensure_toy_model(out / "model", corpus, train_spec or ToyTrainSpec())
     print(f"model: {model_dir} ({time.perf_counter() - t:.0f} s)")
 
+    _step("start Ray")
     cfg = demo_config(cfg, model_dir, overrides)
     db = connect(str(out / "db"), cfg.storage_options)
     ensure_ray(cfg)
@@ -259,6 +286,7 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
               f"VM before {r['vm_before']}, after {r['vm_after']}")
 
     if "nemo-c" in results:
+        _step("control: NeMo-C's neurons against random neurons")
         line = random_neuron_control(db, cfg, pipe, corpus)
         if line:
             print(line)
