@@ -201,6 +201,16 @@ def test_fm_background_kinds_are_a_setting() -> None:
         ToyCorpusSpec(fm_bg_kinds=("plaid",))
 
 
+def test_bm_background_kinds_are_a_setting() -> None:
+    full = build_corpus(ToyCorpusSpec())
+    default = {r.bg.kind for r in full.images if r.planted == "BM"}
+    assert default and default <= set(ToyCorpusSpec().bm_bg_kinds) and not default & {"dots", "grid"}
+    spec = dataclasses.replace(SMALL, bm_bg_kinds=("grid",))
+    assert {r.bg.kind for r in build_corpus(spec).images if r.planted == "BM"} == {"grid"}
+    with pytest.raises(ValueError, match="bm_bg_kinds"):
+        ToyCorpusSpec(bm_bg_kinds=())
+
+
 def test_fm_shapes_are_a_setting() -> None:
     default = {r.fg.shape for r in build_corpus(SMALL).images if r.planted == "FM"}
     assert default and default <= set(SMALL.fm_shapes) and not default & {"ring", "star", "cross"}
