@@ -387,6 +387,7 @@ def nemo_localize_cmd(
     sequential: bool = typer.Option(False, help="The reference's one-candidate-per-UNet-call search (same sets, slower on GPU)."),
     all_prompts: bool = typer.Option(False, "--all", help="Localize every prompt, not only those detected as memorized."),
     stats_source: Optional[str] = typer.Option(None, help="Which stored statistics to use when several exist."),
+    force: bool = typer.Option(False, help="Search again for prompts already localized with these settings."),
     preset: Optional[str] = PresetOpt,
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -400,8 +401,10 @@ def nemo_localize_cmd(
     pipe = _load_pipe(cfg)
     stats = read_stats(database, cfg.models.diffusion.model_id, stats_source)
     rows = database.read("prompts", ["prompt_id", "text"], where=prompts)
-    with RunRecord(database, "nemo-localize", cfg, args={"prompts": prompts, "sequential": sequential}) as run:
-        out = run_localize(database, cfg, pipe, rows, stats, run, batched=not sequential, only_memorized=not all_prompts)
+    with RunRecord(database, "nemo-localize", cfg, args={"prompts": prompts, "sequential": sequential,
+                                                         "force": force}) as run:
+        out = run_localize(database, cfg, pipe, rows, stats, run, batched=not sequential,
+                           only_memorized=not all_prompts, force=force)
         reached = sum(bool(r.get("criterion_reached")) for r in out)
         typer.echo(f"localized {len(out)} prompts; NeMo criterion reached for {reached}")
 

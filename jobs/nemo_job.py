@@ -464,15 +464,41 @@ def neuron_rows(cfg: Config, model_id: str, prompt_id: str, kind: str, sets: Neu
              "run_id": run_id} for l in layers]
 
 
+def stored_localization(db: Database, cfg: Config, model_id: str, prompt_id: str, layers: Sequence[ValueLayer],
+                        stats_source: str, only_memorized: bool) -> dict | None:
+    """The prompt's `nemo_prompts` row from an earlier run with these settings, if it still holds:
+    a prompt detection did not flag (localizing only flagged ones), or a localized prompt whose
+    initial and refined neuron rows for this statistics source were written by the same run."""
+    from fbmem.jobs.candidates import sql_list
+
+    nid = nemo_id(model_id, prompt_id, cfg)
+    if not db.has_table("nemo_prompts"):
+        return None
+    rows = db.read("nemo_prompts", where=f"nemo_id = '{nid}'").to_pylist()
+    if not rows:
+        return None
+    row = rows[0]
+    if row["n_initial"] is None:
+        return row if only_memorized and row["memorized"] is False else None
+    ids = [neuron_set_id(model_id, prompt_id, kind, l.idx, cfg, stats_source)
+           for kind in ("initial", "refined") for l in layers]
+    got = db.read("neurons", ["run_id"], where=f"neuron_set_id IN ({sql_list(ids)})") if db.has_table("neurons") else None
+    if got is None or got.num_rows != len(ids) or set(got.column("run_id").to_pylist()) != {row["run_id"]}:
+        return None
+    return row
+
+
 def run_localize(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Sequence[Mapping], stats: NeuronStats,
                  run: RunRecord, batched: bool = True, only_memorized: bool = True,
-                 max_unet_batch: int | None = None) -> list[dict]:
+                 max_unet_batch: int | None = None, force: bool = False) -> list[dict]:
     """Detection + localization per prompt row -> `neurons` and `nemo_prompts`; returns the nemo rows.
 
     Prompts that detection does not call memorized get a nemo_prompts row saying so and no neurons
     (unless only_memorized=False, which localizes every prompt against all its latents). The stats
     must fit this UNet's value layers (checked before any prompt runs). `max_unet_batch` caps the
     samples of one UNet forward (GPU memory); a capped call counts as several sequential calls.
+    A prompt already localized with the same model, settings and statistics is reused (its stored
+    row is returned) unless `force`: the search is the costly part of a rerun.
     """
     parts = parts_of(pipe)
     layers = find_value_layers(parts.unet)
@@ -481,9 +507,16 @@ def run_localize(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Seque
     rows = _prompt_rows(prompts)
     run.rows_in = len(rows)
     out, errors = [], []
-    calls = sets_eval = localized = reached = 0
+    calls = sets_eval = localized = reached = reused = 0
     for r in rows:
         pid = r["prompt_id"]
+        old = None if force else stored_localization(db, cfg, model_id, pid, layers, stats.source, only_memorized)
+        if old is not None:
+            reused += 1
+            localized += int(old["n_initial"] is not None)
+            reached += int(bool(old["criterion_reached"]))
+            out.append(old)
+            continue
         try:
             setup = detect_prompt(parts, r["text"], cfg.nemo, cfg.generation.size)
             force = None if (only_memorized or setup.detection.memorized) else torch.ones_like(setup.detection.retained)
@@ -517,5 +550,5 @@ def run_localize(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Seque
         db.upsert("errors", pa.Table.from_pylist(errors))
     run.rows_out, run.errors = len(out), run.errors + len(errors)
     run.metrics.update(localized=localized, criterion_reached=reached, unet_calls=calls, sets_evaluated=sets_eval,
-                       batched=batched, stats_source=stats.source)
+                       batched=batched, stats_source=stats.source, reused=reused)
     return out

@@ -8,6 +8,8 @@ The tiny model memorizes nothing in 12 steps; the label shares themselves are no
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -75,4 +77,9 @@ def test_demo_runs_every_stage_and_a_rerun_reuses_its_work(tiny_cfg, tmp_path: P
     again = capsys.readouterr().out
     assert weights.stat().st_mtime_ns == before  # the model was reused, not retrained
     assert "label shares per planted group" in again and "AUC VM vs NM" in again  # still reports
+    runs = run_query(db, """SELECT metrics_json FROM runs WHERE job = 'nemo-localize' AND status = 'ok'
+                            ORDER BY started_at""").column(0).to_pylist()
+    first, second = (json.loads(m) for m in runs[-2:])
+    assert first["reused"] == 0 and second["reused"] == n_prompts and second["unet_calls"] == 0
+    assert second["localized"] == first["localized"]  # the NeMo search was not run again
     assert run_query(db, "SELECT count(*) AS n FROM generations WHERE mitigation = 'none'").column("n")[0].as_py() == gens

@@ -6,6 +6,8 @@ with various drop rates and on the real tiny UNet. The DB jobs run end to end on
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import random
 
@@ -450,6 +452,21 @@ def test_detect_and_localize_jobs_write_rows(tmp_path, parts, stats, nemo_cfg):
     assert set_key(refined) <= set_key(initial) and sum(map(len, initial.values())) == r["n_initial"]
     assert db.read("nemo_prompts", where="prompt_id = 'p1'").num_rows == 1  # detection row updated, not duplicated
     assert run.metrics["unet_calls"] == r["unet_calls"] > 1
+    # a rerun with the same settings and statistics reuses the stored search; force searches again
+    with RunRecord(db, "nemo-localize", nemo_cfg) as run:
+        again = run_localize(db, nemo_cfg, pipe, prompts[:1], stats, run, only_memorized=False)
+    assert run.metrics["reused"] == 1 and run.metrics["unet_calls"] == 0
+    assert again[0]["refined_score"] == r["refined_score"] and again[0]["message"] == r["message"]
+    with RunRecord(db, "nemo-localize", nemo_cfg) as run:
+        run_localize(db, nemo_cfg, pipe, prompts[:1], stats, run, only_memorized=False, force=True)
+    assert run.metrics["reused"] == 0 and run.metrics["unet_calls"] == r["unet_calls"]
+    other = dataclasses.replace(stats, source="other-prompt-set")  # other statistics: search again
+    with RunRecord(db, "nemo-localize", nemo_cfg) as run:
+        run_localize(db, nemo_cfg, pipe, prompts[:1], other, run, only_memorized=False)
+    assert run.metrics["reused"] == 0 and run.metrics["unet_calls"] > 1
+    with RunRecord(db, "nemo-localize", nemo_cfg) as run:
+        run_localize(db, nemo_cfg, pipe, prompts[:1], stats, run, only_memorized=False)
+    assert run.metrics["reused"] == 0  # the stored row is the other source's run: not this one's
     with RunRecord(db, "nemo-detect", nemo_cfg) as run:  # rerunning detection keeps the localization
         run_detect(db, nemo_cfg, pipe, prompts[:1], run)
     again = db.read("nemo_prompts", where="prompt_id = 'p1'").to_pylist()
