@@ -519,9 +519,9 @@ def run_localize(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Seque
             continue
         try:
             setup = detect_prompt(parts, r["text"], cfg.nemo, cfg.generation.size)
-            force = None if (only_memorized or setup.detection.memorized) else torch.ones_like(setup.detection.retained)
+            keep_all = None if (only_memorized or setup.detection.memorized) else torch.ones_like(setup.detection.retained)
             loc = localize_prompt(parts, r["text"], stats, cfg.nemo, cfg.generation.size, batched=batched,
-                                  retained=force, setup=setup, max_unet_batch=max_unet_batch)
+                                  retained=keep_all, setup=setup, max_unet_batch=max_unet_batch)
         except Exception as exc:  # noqa: BLE001
             log.warning("localize %s: %s", pid, exc)
             errors.append(_error_row(run, "localize", pid, f"localize: {exc}"))

@@ -467,6 +467,10 @@ def test_detect_and_localize_jobs_write_rows(tmp_path, parts, stats, nemo_cfg):
     with RunRecord(db, "nemo-localize", nemo_cfg) as run:
         run_localize(db, nemo_cfg, pipe, prompts[:1], stats, run, only_memorized=False)
     assert run.metrics["reused"] == 0  # the stored row is the other source's run: not this one's
+    two = [{"prompt_id": "p2", "text": "a blue circle on waves 2"}, prompts[0]]  # a new prompt, then a stored one
+    with RunRecord(db, "nemo-localize", nemo_cfg) as run:
+        both = run_localize(db, nemo_cfg, pipe, two, stats, run, only_memorized=False)
+    assert [r["prompt_id"] for r in both] == ["p2", "p1"] and run.metrics["reused"] == 1
     with RunRecord(db, "nemo-detect", nemo_cfg) as run:  # rerunning detection keeps the localization
         run_detect(db, nemo_cfg, pipe, prompts[:1], run)
     again = db.read("nemo_prompts", where="prompt_id = 'p1'").to_pylist()
