@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fbmem-installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv browser test test-fast demo bench clean
+.PHONY: venv browser lint-imports test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: install Debian's chromium (apt-get install chromium) for the report test"; fi; }
 
-test: $(STAMP) browser
+# Architecture contracts first (.importlinter): storage <- pipelines <- jobs, a pure jobs.core.
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
+test: $(STAMP) browser lint-imports
 	$(PY) -m pytest -q --timeout=1800
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) lint-imports
 	$(PY) -m pytest -q -m "not slow" --timeout=600
 
 demo: $(STAMP)

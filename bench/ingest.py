@@ -57,13 +57,14 @@ def bare_loop(paths: list[Path], cfg, batch_size: int) -> float:
 
 def ray_seconds(folder: Path, cfg, n: int) -> float:
     """Wall time of the whole pipeline over `folder` (actor start and model load included)."""
-    from fbmem.jobs.ray_session import ensure_ray
-    from fbmem.pipelines.ingest import _Counter, build_image_stream
+    from fbmem.jobs.runtime.ray_session import ensure_ray
+    from fbmem.jobs.ingest import RowCounter
+    from fbmem.pipelines.ingest import build_image_stream
     from fbmem.pipelines.sources import open_source
 
     ensure_ray(cfg)
     t0 = time.perf_counter()
-    stream = build_image_stream(open_source(str(folder), kind="folder"), cfg, set(), _Counter.remote(), "lazy")
+    stream = build_image_stream(open_source(str(folder), kind="folder"), cfg, set(), RowCounter.remote(), "lazy")
     done = sum(b.num_rows for b in stream.iter_batches(batch_size=256, batch_format="pyarrow"))
     assert done == n, (done, n)
     return time.perf_counter() - t0

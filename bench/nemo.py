@@ -31,8 +31,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from fbmem.jobs.config import NemoConfig  # noqa: E402
-from fbmem.jobs.nemo_core import n_neurons, select_neurons, set_key, theta_k_schedule  # noqa: E402
-from fbmem.jobs.nemo_job import (  # noqa: E402
+from fbmem.jobs.core.nemo.search import n_neurons, select_neurons, set_key, theta_k_schedule  # noqa: E402
+from fbmem.jobs.core.nemo.evaluator import (
     BlockingEvaluator,
     compute_stats,
     detect_prompt,
@@ -40,7 +40,7 @@ from fbmem.jobs.nemo_job import (  # noqa: E402
     ms_settings,
     parts_of,
 )
-from fbmem.jobs.neuron_hooks import find_value_layers, value_activations  # noqa: E402
+from fbmem.jobs.core.nemo.hooks import find_value_layers, value_activations  # noqa: E402
 from fbmem.pipelines.diffusion_models import TinySpec, build_tiny_components  # noqa: E402
 
 STATS_PROMPTS = [f"a {c} {s} on {b}" for c in ("red", "blue", "green", "yellow")

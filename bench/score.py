@@ -8,7 +8,7 @@ The loop's cost does not depend on the layout. Checks that batched and loop scor
 
 On the CPU the batched scorer takes as many pairs per call as fit in its CPU block. Like the label
 job's scoring actors, the bench first makes the process keep freed memory
-(jobs/cpu_allocator.py), which lets a call hold the whole chunk; that setting is process-wide, so
+(jobs/runtime/cpu_allocator.py), which lets a call hold the whole chunk; that setting is process-wide, so
 the per-pair loop gets it too and the ratio is about batching alone. `--default-allocator` skips
 it (1 pair per call at 512 px, see region_similarity.CPU_BLOCK_BYTES); MALLOC_* variables set in
 the environment are printed in the header.
@@ -27,8 +27,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fbmem.jobs.cpu_allocator import retain_freed_memory  # noqa: E402
-from fbmem.jobs.region_similarity import default_cpu_block_bytes, score_pair_loop, score_pairs  # noqa: E402
+from fbmem.jobs.runtime.cpu_allocator import default_cpu_block_bytes, retain_freed_memory  # noqa: E402
+from fbmem.jobs.core.region_similarity import score_pair_loop, score_pairs  # noqa: E402
 
 
 def smooth_images(n: int, size: int, gen: torch.Generator, channels: int = 3) -> torch.Tensor:
@@ -101,14 +101,16 @@ def main() -> None:
         "candidates": {"gen_idx": cand_g, "train_idx": cand_t},
     }
     kw = dict(device=args.device)
+    block = default_cpu_block_bytes()
     for metric in args.metrics.split(","):
         # warm-up (allocator, conv algorithm choice) on a few pairs, not timed
-        score_pairs(gx[:2], gm[:2], tx[:2], tm[:2], metric=metric, chunk_size=args.chunk_size, **kw)
+        score_pairs(gx[:2], gm[:2], tx[:2], tm[:2], metric=metric, chunk_size=args.chunk_size, cpu_block_bytes=block, **kw)
         score_pair_loop(gx[:1], gm[:1], tx[:1], tm[:1], metric=metric, **kw)
         for name, idx in layouts.items():
             (t_loop, c_loop, ref), (t_bat, c_bat, got) = timed_pair(
                 lambda: score_pair_loop(gx, gm, tx, tm, metric=metric, **idx, **kw),
-                lambda: score_pairs(gx, gm, tx, tm, metric=metric, chunk_size=args.chunk_size, **idx, **kw),
+                lambda: score_pairs(gx, gm, tx, tm, metric=metric, chunk_size=args.chunk_size, cpu_block_bytes=block,
+                                    **idx, **kw),
                 args.rounds)
             err = max((got[k] - ref[k]).abs().max().item() for k in ("full", "fg", "bg"))
             print(f"{metric:12s} {name:10s} loop {n / t_loop:6.2f} pairs/s  batched {n / t_bat:6.2f} pairs/s  "

@@ -20,8 +20,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fbmem.jobs.data_parallel import run_data_parallel  # noqa: E402
-from fbmem.jobs.toy_train import ToyTrainSpec, build_toy_components  # noqa: E402
+from fbmem.jobs.toy.data_parallel import run_data_parallel  # noqa: E402
+from fbmem.jobs.toy.train import ToyTrainSpec, build_toy_components  # noqa: E402
 
 
 def step_times(rank: int, world: int, payload: dict) -> list[float]:

@@ -15,7 +15,6 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fbmem.jobs.config import Config
 from fbmem.storage.database import Database

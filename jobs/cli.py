@@ -6,7 +6,6 @@ same settings object reaches every job and is recorded in `runs`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -95,9 +94,9 @@ def _fail(msg: str) -> None:
 
 def _ingest_images(target: str, src: str, db: str, kind: SourceKind, masks: MaskMode | None,
                    preset, config, sets) -> None:
-    from fbmem.jobs.ray_session import ensure_ray
-    from fbmem.jobs.run_record import RunRecord
-    from fbmem.pipelines.ingest import ingest_images
+    from fbmem.jobs.runtime.ray_session import ensure_ray
+    from fbmem.jobs.runtime.run_record import RunRecord
+    from fbmem.jobs.ingest import ingest_images
 
     cfg = _config(preset, config, sets, {"ingest.masks": masks.value if masks else None})
     database = _db(db, cfg)
@@ -144,9 +143,9 @@ def ingest_prompts(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Ingest a prompt set with CLIP text embeddings into `prompts`."""
-    from fbmem.jobs.ray_session import ensure_ray
-    from fbmem.jobs.run_record import RunRecord
-    from fbmem.pipelines.prompt_ingest import ingest_prompts as run_ingest
+    from fbmem.jobs.runtime.ray_session import ensure_ray
+    from fbmem.jobs.runtime.run_record import RunRecord
+    from fbmem.jobs.ingest import ingest_prompts as run_ingest
 
     cfg = _config(preset, config, set_)
     database = _db(db, cfg)
@@ -164,7 +163,7 @@ def index_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Build the vector index on training embeddings (settings: config `index`)."""
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.runtime.run_record import RunRecord
     from fbmem.storage.vector_index import build_index
 
     cfg = _config(preset, config, set_)
@@ -204,9 +203,9 @@ def label_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """FB-Mem labels: candidates, lazy masks, batched region MS-SSIM, pair_scores and labels."""
-    from fbmem.jobs.label_job import format_distribution, run_label_job
-    from fbmem.jobs.ray_session import ensure_ray
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.label import format_distribution, run_label_job
+    from fbmem.jobs.runtime.ray_session import ensure_ray
+    from fbmem.jobs.runtime.run_record import RunRecord
 
     cfg = _config(preset, config, set_, {
         "candidates.k": k, "fbmem.tau": tau, "fbmem.tau_full": tau_full, "fbmem.tau_fg": tau_fg,
@@ -236,8 +235,8 @@ def cluster_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """KMeans clusters of prompts (SPEC 5); cluster_id on each prompt, silhouette in `runs`."""
-    from fbmem.jobs.cluster_job import run_cluster
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.cluster import run_cluster
+    from fbmem.jobs.runtime.run_record import RunRecord
 
     cfg = _config(preset, config, set_, {"cluster.k": k, "cluster.embedding": embedding.value if embedding else None})
     database = _db(db, cfg)
@@ -264,16 +263,16 @@ def generate_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Generate N seeded samples per prompt (DDIM) with embeddings and masks into `generations`."""
-    from fbmem.jobs.generate_job import run_generate
-    from fbmem.jobs.ray_session import ensure_ray
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.generate import run_generate
+    from fbmem.jobs.runtime.ray_session import ensure_ray
+    from fbmem.jobs.runtime.run_record import RunRecord
 
     cfg = _config(preset, config, set_)
     database = _db(db, cfg)
     ensure_ray(cfg)
     neurons = None
     if mitigation is not Mitigation.none:
-        from fbmem.jobs.mitigate_job import neurons_for_method
+        from fbmem.jobs.mitigate import neurons_for_method
 
         neurons = neurons_for_method(database, cfg, mitigation.value)
     with RunRecord(database, "generate", cfg, args={"n": n, "prompts": prompts, "mitigation": mitigation.value}) as run:
@@ -298,9 +297,9 @@ def mitigate_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """NeMo / NeMo-C: regenerate with neurons off (same seeds), relabel, print the mitigation score."""
-    from fbmem.jobs.mitigate_job import run_mitigate
-    from fbmem.jobs.ray_session import ensure_ray
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.mitigate import run_mitigate
+    from fbmem.jobs.runtime.ray_session import ensure_ray
+    from fbmem.jobs.runtime.run_record import RunRecord
 
     cfg = _config(preset, config, set_)
     database = _db(db, cfg)
@@ -343,8 +342,8 @@ def nemo_stats_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Per-neuron mean/std of |to_v| activations over ordinary prompts (or import the SD 1.4 file)."""
-    from fbmem.jobs.nemo_job import import_stats_csv, prompt_set_source, run_stats
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.nemo import import_stats_csv, prompt_set_source, run_stats
+    from fbmem.jobs.runtime.run_record import RunRecord
 
     cfg = _config(preset, config, set_)
     database = _db(db, cfg)
@@ -368,8 +367,8 @@ def nemo_detect_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Memorization detection from noise differences (SPEC 6); scores in `nemo_prompts`."""
-    from fbmem.jobs.nemo_job import run_detect
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.nemo import run_detect
+    from fbmem.jobs.runtime.run_record import RunRecord
 
     cfg = _config(preset, config, set_)
     database = _db(db, cfg)
@@ -393,8 +392,8 @@ def nemo_localize_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Neuron localization: initial selection and refinement (SPEC 6); sets in `neurons`."""
-    from fbmem.jobs.nemo_job import read_stats, run_localize
-    from fbmem.jobs.run_record import RunRecord
+    from fbmem.jobs.nemo import read_stats, run_localize
+    from fbmem.jobs.runtime.run_record import RunRecord
 
     cfg = _config(preset, config, set_)
     database = _db(db, cfg)
@@ -415,9 +414,9 @@ def toy_train_cmd(
     check: bool = typer.Option(True, help="Generate for every prompt and print how much it memorized."),
 ) -> None:
     """Train (or reuse) the toy latent diffusion model on the toy corpus, on the CPU."""
-    from fbmem.jobs.demo import build_world
-    from fbmem.jobs.toy_corpus import ToyCorpusSpec
-    from fbmem.jobs.toy_train import ToyTrainSpec, ensure_toy_model, format_memorization, memorization_check
+    from fbmem.jobs.toy.demo import build_world
+    from fbmem.jobs.toy.corpus import ToyCorpusSpec
+    from fbmem.jobs.toy.train import ToyTrainSpec, ensure_toy_model, format_memorization, memorization_check
 
     _, corpus = build_world(out, ToyCorpusSpec())
     model_dir = ensure_toy_model(out / "model", corpus, ToyTrainSpec())
@@ -495,7 +494,7 @@ def demo_cmd(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """The embedded default: build a small world offline and run the jobs on it with local Ray."""
-    from fbmem.jobs.demo import run_demo
+    from fbmem.jobs.toy.demo import run_demo
 
     cfg = _config(preset, config, set_)
     run_demo(cfg, out, overrides=_parse_sets(set_))  # --set wins over the demo's own settings

@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from fbmem.jobs.candidates import sql_list
 from fbmem.jobs.config import Config
-from fbmem.jobs.run_record import RunRecord
-from fbmem.pipelines.ingest import _actor_kwargs, batch_blocks, error_id
-from fbmem.jobs.run_record import now_utc
+from fbmem.jobs.runtime.run_record import RunRecord
+from fbmem.pipelines.ingest import actor_kwargs, batch_blocks, error_id
+from fbmem.jobs.runtime.run_record import now_utc
 from fbmem.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def ensure_masks(db: Database, cfg: Config, table: str, ids: list[str], run: Run
     log.info("segmenting %d %s rows that became candidates (lazy masks)", len(todo), table)
     rows = db.read(table, where=f"{key} IN ({sql_list(todo)})")
     ds = ray.data.from_arrow(batch_blocks(rows, cfg.resources.segment.batch_size)).map_batches(
-        SamSegmenter, fn_constructor_args=(cfg.to_json(),), **_actor_kwargs(cfg.resources.segment)
+        SamSegmenter, fn_constructor_args=(cfg.to_json(),), **actor_kwargs(cfg.resources.segment)
     )
     done = 0
     with tqdm(total=len(todo), desc=f"masks ({table})", unit="img", disable=None) as bar:

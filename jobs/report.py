@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from fbmem.jobs.candidates import sql_list
 from fbmem.storage.sql import named_sql_dir
-from fbmem.jobs.mitigation_score import LABELS as MATRIX_LABELS
+from fbmem.jobs.core.mitigation_score import LABELS as MATRIX_LABELS
 from fbmem.storage.database import Database
 from fbmem.storage.schema import TABLES
 from fbmem.storage.sql import load_query, query_params, run_query

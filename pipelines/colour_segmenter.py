@@ -3,7 +3,7 @@
 Why it exists: the offline demo has no SAM checkpoint, and the "grabcut" backend (a centred
 rectangle as its only prior) fails on the toy diffusion model's blurry samples, often returning
 an empty mask; bad generation masks then wreck FB-Mem's region scores. The toy world's images
-(one coloured shape on a two-colour pattern, see jobs/toy_corpus.py) are far better described by
+(one coloured shape on a two-colour pattern, see jobs/toy/corpus.py) are far better described by
 their colours than by a rectangle.
 
 The rule (`colour_foreground`), the SAM rule's idea applied to colours instead of proposals:
@@ -53,7 +53,7 @@ from __future__ import annotations
 import numpy as np
 
 from fbmem.jobs.config import SegmenterConfig
-from fbmem.pipelines.sam_segmenter import border_coverage
+from fbmem.pipelines.masks import border_coverage
 
 BILATERAL_D = 7  # filter diameter (pixels); about 2 x 1.5 sigma each side
 BILATERAL_SIGMA_COLOR = 30.0  # RGB units: speckle is smoothed, a real colour edge is not

@@ -20,7 +20,8 @@ import json
 import math
 import numbers
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +32,7 @@ from fbmem.jobs.config import Config
 
 MITIGATIONS = ("none", "nemo", "nemo-c")
 
-# The recipe columns a Generator reads (what `jobs/generate_job.py` plans).
+# The recipe columns a Generator reads (what `jobs/generate.py` plans).
 RECIPE_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -234,9 +235,13 @@ class Generator:
     channel hook covers both). A row that fails gets `error` ("generate: ...") and no image;
     when a group's call fails, its rows are retried one at a time so only the culprit fails
     (safe: a sample's image does not depend on its batch).
+
+    `deactivate(unet, neurons, alpha=...)` is the context manager that switches neurons off (the
+    NeMo hooks of jobs/core/nemo/hooks.py, handed in by the generate job): the actor only applies
+    what the job chose, so pipelines need not know NeMo.
     """
 
-    def __init__(self, config_json: str) -> None:
+    def __init__(self, config_json: str, deactivate: Callable[..., AbstractContextManager] | None = None) -> None:
         from fbmem.pipelines.devices import pick_device
         from fbmem.pipelines.diffusion_models import load_pipeline, resolve_dtype
 
@@ -246,14 +251,15 @@ class Generator:
         self.device = pick_device(cfg.resources.device)
         self.dtype = resolve_dtype(self.gen.dtype, self.device)
         self.pipe = load_pipeline(cfg.models.diffusion, self.device, self.dtype)
+        self.deactivate = deactivate
 
     def _run(self, prompts: list[str], seeds: list[int], neurons: dict[int, list[int]], alpha: float | None):
         kw = dict(steps=self.gen.steps, guidance=self.gen.guidance, size=self.gen.size)
         if not neurons:
             return generate_images(self.pipe, prompts, seeds, **kw)
-        from fbmem.jobs.neuron_hooks import deactivate  # sibling helper module, needed only here
-
-        with deactivate(self.pipe.unet, neurons, alpha=float(alpha)):
+        if self.deactivate is None:
+            raise ValueError("generate: rows name neurons to deactivate but the generator was given no hook")
+        with self.deactivate(self.pipe.unet, neurons, alpha=float(alpha)):
             return generate_images(self.pipe, prompts, seeds, **kw)
 
     def _run_group(self, rows: list[dict], idx: list[int], neurons, alpha) -> dict[int, np.ndarray | str]:

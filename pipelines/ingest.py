@@ -12,41 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
-from tqdm import tqdm
 
 from fbmem.jobs.config import ActorResources, Config
-from fbmem.jobs.run_record import RunRecord, now_utc
+from fbmem.storage.schema import now_utc
 from fbmem.pipelines.images import validate_batch
 from fbmem.pipelines.prompt_sets import prompt_id
 from fbmem.pipelines.masks import encode_mask_png, fg_fraction, mask_from_file_bytes
-from fbmem.storage.database import Database
 
 log = logging.getLogger(__name__)
 
 Target = Literal["training", "generations"]
 TABLE_OF: dict[str, str] = {"training": "training_images", "generations": "generations"}
-
-
-@ray.remote(num_cpus=0)
-class _Counter:
-    """Counts rows dropped inside the stream (already stored), which the driver never sees."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, k: int) -> None:
-        self.n += k
-
-    def get(self) -> int:
-        return self.n
 
 
 def error_id(job: str, stage: str, source: str | None) -> str:
@@ -126,7 +108,7 @@ def batch_blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
 
 
-def _actor_kwargs(res: ActorResources) -> dict:
+def actor_kwargs(res: ActorResources) -> dict:
     return dict(
         compute=ActorPoolStrategy(size=res.pool_size),
         num_cpus=res.num_cpus,
@@ -134,14 +116,6 @@ def _actor_kwargs(res: ActorResources) -> dict:
         batch_size=res.batch_size,
         batch_format="pyarrow",
     )
-
-
-@dataclass
-class IngestCounts:
-    rows_in: int = 0
-    written: int = 0
-    skipped: int = 0
-    errors: int = 0
 
 
 def build_image_stream(
@@ -168,10 +142,10 @@ def build_image_stream(
     )
     cfg_json = cfg.to_json()
     if masks == "eager":
-        ds = ds.map_batches(SamSegmenter, fn_constructor_args=(cfg_json,), **_actor_kwargs(cfg.resources.segment))
+        ds = ds.map_batches(SamSegmenter, fn_constructor_args=(cfg_json,), **actor_kwargs(cfg.resources.segment))
     else:
         ds = ds.map_batches(apply_given_masks, batch_format="pyarrow", num_cpus=cfg.resources.decode_num_cpus)
-    ds = ds.map_batches(ClipImageEmbedder, fn_constructor_args=(cfg_json,), **_actor_kwargs(cfg.resources.embed))
+    ds = ds.map_batches(ClipImageEmbedder, fn_constructor_args=(cfg_json,), **actor_kwargs(cfg.resources.embed))
     return ds
 
 
@@ -239,72 +213,3 @@ def error_rows(batch: pa.Table, job: str, run_id: str) -> pa.Table:
     )
 
 
-def existing_image_keys(db: Database, target: Target, cfg: Config, masks: str) -> set[str]:
-    """Keys a rerun may skip: same embedding model, and a mask when masks are eager."""
-    table = TABLE_OF[target]
-    if not db.has_table(table):
-        return set()
-    key = "image_id" if target == "training" else "generation_id"
-    model = cfg.models.clip.model_id.replace("'", "''")
-    where = f"embedding_model = '{model}'"
-    if masks == "eager":
-        where += " AND mask_png IS NOT NULL"
-    return set(db.read(table, columns=[key], where=where).column(0).to_pylist())
-
-
-def ingest_images(
-    db: Database,
-    cfg: Config,
-    src: str,
-    *,
-    target: Target,
-    kind: str = "auto",
-    masks: str | None = None,
-    run: RunRecord,
-) -> IngestCounts:
-    """Run the image pipeline from `src` into `training_images` or `generations`."""
-    from fbmem.pipelines.sources import open_source
-
-    masks = masks or cfg.ingest.masks
-    table = TABLE_OF[target]
-    _check_model_matches(db, table, cfg)
-    counter = _Counter.remote()
-    existing = existing_image_keys(db, target, cfg, masks)
-    source = open_source(src, kind=kind, generations=target == "generations")
-    stream = build_image_stream(source, cfg, existing, counter, masks)
-    counts = IngestCounts()
-    job = run.job
-    with tqdm(desc=f"ingest {target}", unit="img", disable=None) as bar:
-        for batch in stream.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow"):
-            bad_mask = pc.is_valid(batch.column("error"))
-            good = batch.filter(pc.invert(bad_mask))
-            bad = batch.filter(bad_mask)
-            if good.num_rows:
-                counts.written += db.upsert(table, image_rows(good, target, cfg, run.run_id))
-            if bad.num_rows:
-                db.upsert("errors", error_rows(bad, job, run.run_id))
-                counts.errors += bad.num_rows
-            counts.rows_in += batch.num_rows
-            bar.update(batch.num_rows)
-            run.rows_in, run.rows_out, run.errors = counts.rows_in, counts.written, counts.errors
-    counts.skipped = ray.get(counter.get.remote())
-    counts.rows_in += counts.skipped
-    run.rows_in = counts.rows_in
-    run.metrics["skipped_existing"] = counts.skipped
-    return counts
-
-
-def _check_model_matches(db: Database, table: str, cfg: Config) -> None:
-    """One database holds one CLIP model's vectors: refuse to mix before doing any work."""
-    if not db.has_table(table) or db.count(table) == 0:
-        return
-    first = db.dataset(table).to_table(columns=["embedding_model"], filter="embedding_model IS NOT NULL", limit=1)
-    models = set(first.column(0).to_pylist())
-    want = cfg.models.clip.model_id
-    if models and want not in models:
-        from fbmem.storage.database import StorageError
-
-        raise StorageError(
-            f"{table} in {db.uri} holds embeddings of {sorted(models)}, not {want}: "
-            "use the same CLIP model (config models.clip) or another --db"
-        )

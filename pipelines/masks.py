@@ -119,3 +119,13 @@ def mask_from_file_bytes(data: bytes, size: tuple[int, int]) -> np.ndarray:
 def fg_fraction(mask: np.ndarray) -> float:
     """Share of the frame that is foreground; soft pixels count by their weight."""
     return float(_as_unit_mask(mask).mean(dtype=np.float64))
+
+
+def border_coverage(segmentation: np.ndarray) -> float:
+    """Fraction of the image's border pixels (the one-pixel frame) that the mask covers."""
+    seg = np.asarray(segmentation, dtype=bool)
+    h, w = seg.shape
+    if h <= 2 or w <= 2:
+        return float(seg.mean())  # every pixel is on the border
+    ring_sum = int(seg[0, :].sum() + seg[-1, :].sum() + seg[1:-1, 0].sum() + seg[1:-1, -1].sum())
+    return ring_sum / (2 * (h + w) - 4)

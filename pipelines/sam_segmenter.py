@@ -47,7 +47,9 @@ from PIL import Image
 from fbmem.jobs.config import Config, SegmenterConfig
 from fbmem.pipelines.clip_embedder import column_or_nulls, row_error, set_column
 from fbmem.pipelines.devices import pick_device
+from fbmem.pipelines.colour_segmenter import ColourForeground
 from fbmem.pipelines.masks import (
+    border_coverage,
     decode_mask_png,
     encode_mask_png,
     fg_fraction,
@@ -63,16 +65,6 @@ TINY_SAM = {"img_size": 128, "patch_size": 16, "embed_dim": 64, "depth": 2, "num
 
 
 # --------------------------------------------------------------------------- the foreground rule
-
-
-def border_coverage(segmentation: np.ndarray) -> float:
-    """Fraction of the image's border pixels (the one-pixel frame) that the mask covers."""
-    seg = np.asarray(segmentation, dtype=bool)
-    h, w = seg.shape
-    if h <= 2 or w <= 2:
-        return float(seg.mean())  # every pixel is on the border
-    ring_sum = int(seg[0, :].sum() + seg[-1, :].sum() + seg[1:-1, 0].sum() + seg[1:-1, -1].sum())
-    return ring_sum / (2 * (h + w) - 4)
 
 
 def choose_foreground(
@@ -280,7 +272,6 @@ def make_backend(cfg: SegmenterConfig, device: torch.device) -> ForegroundBacken
     if cfg.backend == "grabcut":
         return GrabCutForeground(cfg)
     if cfg.backend == "colour":
-        from fbmem.pipelines.colour_segmenter import ColourForeground  # imports this module
 
         return ColourForeground(cfg)
     raise ValueError(f"models.segmenter.backend: unknown backend {cfg.backend!r}")

@@ -8,6 +8,8 @@ tables with vectors are built by functions of the dimension.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pyarrow as pa
 
 TABLES = (
@@ -40,6 +42,11 @@ KEYS: dict[str, tuple[str, ...]] = {
 VECTOR_TABLES = ("training_images", "prompts", "generations")
 
 TS = pa.timestamp("us", tz="UTC")
+
+
+def now_utc() -> datetime:
+    """The time stamped on rows (`TS` columns): timezone-aware UTC."""
+    return datetime.now(timezone.utc)
 
 
 def vector_type(dim: int) -> pa.DataType:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a local Ray per test module, the tiny preset, the shared data folder."""
+"""Shared fixtures: a local Ray per test module, the tiny preset, the reference data shipped in the package."""
 from __future__ import annotations
 
 import os
@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
 def ray_local():
@@ -40,7 +37,8 @@ def tiny_cfg():
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the shared data folder is missing: {SHARED_DATA} (CI lays ../shared beside the repo)")
-    return SHARED_DATA
+def reference_data() -> Path:
+    """The folder of the public reference files shipped inside the package (a fresh clone needs nothing beside it)."""
+    from fbmem.pipelines.reference_data import prompt_set_path
+
+    return prompt_set_path("memorized-laion").parent

@@ -1,0 +1,324 @@
+"""NeMo jobs (SPEC.md section 6): activation statistics, detection, neuron localization.
+
+These functions take a loaded pipeline (or the components dict of
+pipelines/diffusion_models.build_tiny_components) already on its device: model loading and the
+device choice (pipelines/devices.pick_device) stay with the caller. Each writes its rows and fills
+the RunRecord it is given (rows in/out, errors, metrics), like jobs/label.py.
+
+- `run_stats`: activations of a prompt set -> `neuron_stats` (per-neuron mean/std).
+- `import_stats_csv`: the SD 1.4 reference file -> `neuron_stats` (checked against the UNet's
+  value layers when one is given).
+- `run_detect`: per prompt, the noise-difference detection -> `nemo_prompts`.
+- `run_localize`: per memorized prompt, initial selection + refinement -> `neurons` (one row per
+  layer and kind) and `nemo_prompts` (scores, theta/k, counts, criterion, UNet calls, message).
+
+The pure method lives in jobs/core/nemo/ (statistics, detection, search, hooks, and the
+UNet-side evaluator); this module only reads prompts, calls it, and writes rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from fbmem.jobs.config import Config
+from fbmem.jobs.core.nemo.detection import Detection
+from fbmem.jobs.core.nemo.evaluator import (
+    compute_stats,
+    detect_prompt,
+    localize_prompt,
+    outcome_message,
+    parts_of,
+)
+from fbmem.jobs.core.nemo.hooks import ValueLayer, find_value_layers
+from fbmem.jobs.core.nemo.search import NeuronSets, n_neurons
+from fbmem.jobs.core.nemo.statistics import NeuronStats, check_stats_layers, load_stats_csv
+from fbmem.jobs.runtime.run_record import RunRecord, now_utc
+from fbmem.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================ ids and rows
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(json.dumps(p, sort_keys=True, default=str) for p in parts).encode()).hexdigest()
+
+
+def nemo_settings(cfg: Config) -> dict:
+    """Every setting that changes a detection or localization result (refine_batch does not)."""
+    s = cfg.nemo.model_dump()
+    s.pop("refine_batch", None)
+    s["image_size"] = cfg.generation.size
+    return s
+
+
+def nemo_id(model_id: str, prompt_id: str, cfg: Config) -> str:
+    return _hash("nemo", model_id, prompt_id, nemo_settings(cfg))
+
+
+def stat_id(model_id: str, source: str, layer_idx: int, neuron: int) -> str:
+    return _hash("stat", model_id, source, layer_idx, neuron)
+
+
+def neuron_set_id(model_id: str, prompt_id: str, kind: str, layer_idx: int, cfg: Config, stats_source: str) -> str:
+    return _hash("neurons", "prompt", model_id, prompt_id, kind, layer_idx, nemo_settings(cfg), stats_source)
+
+
+def prompt_set_source(prompts: Sequence[str]) -> str:
+    """A stats_source naming a prompt set by content, so stats of different sets never mix."""
+    return "prompts:" + hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def _q(v: str) -> str:
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def _prompt_rows(prompts: pa.Table | Sequence[Mapping]) -> list[dict]:
+    rows = prompts.to_pylist() if isinstance(prompts, pa.Table) else [dict(r) for r in prompts]
+    for r in rows:
+        if "prompt_id" not in r or "text" not in r:
+            raise ValueError("prompt rows need `prompt_id` and `text` columns")
+    return rows
+
+
+def _error_row(run: RunRecord, stage: str, prompt_id: str, reason: str) -> dict:
+    from fbmem.pipelines.ingest import error_id
+
+    return {"error_id": error_id(run.job, stage, prompt_id), "job": run.job, "stage": stage,
+            "source_uri": f"prompt:{prompt_id}", "source_id": prompt_id, "reason": reason,
+            "run_id": run.run_id, "created_at": now_utc()}
+
+
+# ============================================================================ statistics jobs
+
+
+def stats_rows(stats: NeuronStats, model_id: str, run_id: str) -> pa.Table:
+    rows = []
+    for li in sorted(stats.mean):
+        mean, std = stats.mean[li].tolist(), stats.std[li].tolist()
+        for j in range(len(mean)):
+            rows.append({"stat_id": stat_id(model_id, stats.source, li, j), "model_id": model_id,
+                         "stats_source": stats.source, "layer_idx": li, "module": stats.modules[li], "neuron": j,
+                         "mean_abs_act": mean[j], "std_abs_act": std[j], "n_prompts": stats.n_prompts,
+                         "run_id": run_id})
+    return pa.Table.from_pylist(rows)
+
+
+def run_stats(db: Database, cfg: Config, pipe: Any, prompts: Sequence[str], *, source: str,
+              run: RunRecord, batch_size: int = 64) -> NeuronStats:
+    """Compute and store `neuron_stats` for the loaded model over `prompts` (SPEC 6 statistics)."""
+    prompts = [p for p in prompts]
+    run.rows_in = len(prompts)
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        run.errors += len(bad)
+        run.metrics["skipped_empty_prompts"] = len(bad)
+        skip = set(bad)
+        prompts = [p for i, p in enumerate(prompts) if i not in skip]
+    stats = compute_stats(parts_of(pipe), prompts, source=source, batch_size=batch_size)
+    run.rows_out = db.upsert("neuron_stats", stats_rows(stats, cfg.models.diffusion.model_id, run.run_id))
+    run.metrics.update(layers=len(stats.mean), neurons=sum(stats.sizes().values()), n_prompts=stats.n_prompts,
+                       stats_source=source)
+    return stats
+
+
+def import_stats_csv(db: Database, path: str | Path, model_id: str, run: RunRecord,
+                     unet: torch.nn.Module | None = None) -> NeuronStats:
+    """Store a statistics file (the SD 1.4 reference format); with `unet`, check it fits its layers."""
+    stats = load_stats_csv(path)
+    if unet is not None:
+        check_stats_layers(stats, find_value_layers(unet))
+    run.rows_in = sum(stats.sizes().values())
+    run.rows_out = db.upsert("neuron_stats", stats_rows(stats, model_id, run.run_id))
+    run.metrics.update(layers=len(stats.mean), neurons=run.rows_in, stats_source=stats.source)
+    return stats
+
+
+def read_stats(db: Database, model_id: str, source: str | None = None) -> NeuronStats:
+    """Statistics stored for `model_id` (and `source`; required when several sources exist)."""
+    where = f"model_id = {_q(model_id)}" + (f" AND stats_source = {_q(source)}" if source else "")
+    t = db.read("neuron_stats", ["stats_source", "layer_idx", "module", "neuron", "mean_abs_act", "std_abs_act",
+                                 "n_prompts"], where=where)
+    if t.num_rows == 0:
+        raise ValueError(f"no neuron statistics stored for model {model_id!r}"
+                         + (f" from {source!r}" if source else "") + ": run the stats job or import a file first")
+    sources = sorted(set(t.column("stats_source").to_pylist()))
+    if len(sources) > 1:
+        raise ValueError(f"model {model_id!r} has statistics from several sources {sources}: name one")
+    rows = sorted(t.to_pylist(), key=lambda r: (r["layer_idx"], r["neuron"]))
+    modules: dict[int, str] = {}
+    vals: dict[int, list[tuple[float, float]]] = {}
+    for r in rows:
+        modules[r["layer_idx"]] = r["module"]
+        vals.setdefault(r["layer_idx"], []).append((r["mean_abs_act"], r["std_abs_act"]))
+    mean = {i: torch.tensor([m for m, _ in v], dtype=torch.float32) for i, v in vals.items()}
+    std = {i: torch.tensor([s for _, s in v], dtype=torch.float32) for i, v in vals.items()}
+    return NeuronStats(modules, mean, std, source=sources[0], n_prompts=rows[0]["n_prompts"])
+
+
+# ============================================================================ detection / localization jobs
+
+
+def _detect_row(cfg: Config, model_id: str, prompt_id: str, det: Detection, run_id: str) -> dict:
+    return {"nemo_id": nemo_id(model_id, prompt_id, cfg), "prompt_id": prompt_id, "model_id": model_id,
+            "detect_score": det.score, "detect_mean": det.mean, "n_retained": int(det.retained.sum()),
+            "memorized": det.memorized, "run_id": run_id}
+
+
+def run_detect(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Sequence[Mapping], run: RunRecord) -> int:
+    """Detection for each prompt row (prompt_id, text) -> `nemo_prompts`. Returns memorized count."""
+    parts = parts_of(pipe)
+    model_id = cfg.models.diffusion.model_id
+    rows = _prompt_rows(prompts)
+    run.rows_in = len(rows)
+    out, errors, memorized = [], [], 0
+    for r in rows:
+        try:
+            setup = detect_prompt(parts, r["text"], cfg.nemo, cfg.generation.size)
+        except Exception as exc:  # noqa: BLE001 - one bad prompt is an error row, not a failed job
+            log.warning("detect %s: %s", r["prompt_id"], exc)
+            errors.append(_error_row(run, "detect", r["prompt_id"], f"detect: {exc}"))
+            continue
+        row = _detect_row(cfg, model_id, r["prompt_id"], setup.detection, run.run_id)
+        row["message"] = "memorized" if row["memorized"] else "not memorized: no sample's m_i above the threshold"
+        row["unet_calls"] = 1
+        memorized += int(row["memorized"])
+        out.append(row)
+    if out:
+        db.upsert("nemo_prompts", pa.Table.from_pylist(_keep_localization(db, out)))
+    if errors:
+        db.upsert("errors", pa.Table.from_pylist(errors))
+    run.rows_out, run.errors = len(out), run.errors + len(errors)
+    run.metrics.update(memorized=memorized, not_memorized=len(out) - memorized)
+    return memorized
+
+
+_DETECT_FIELDS = ("nemo_id", "prompt_id", "model_id", "detect_score", "detect_mean", "n_retained", "memorized",
+                  "run_id")
+
+
+def _keep_localization(db: Database, rows: list[dict]) -> list[dict]:
+    """Detection rows merged over stored ones, so rerunning detection keeps localization results.
+
+    Same nemo_id means same settings, hence the same detection; only the detection columns are
+    rewritten.
+    """
+    if not db.has_table("nemo_prompts"):
+        return rows
+    ids = ", ".join(_q(r["nemo_id"]) for r in rows)
+    old = {r["nemo_id"]: r for r in db.read("nemo_prompts", where=f"nemo_id IN ({ids})").to_pylist()}
+    out = []
+    for r in rows:
+        prev = old.get(r["nemo_id"])
+        if prev is None or prev.get("refined_score") is None:
+            out.append(r)
+        else:
+            out.append({**prev, **{k: r[k] for k in _DETECT_FIELDS}})
+    return out
+
+
+def neuron_rows(cfg: Config, model_id: str, prompt_id: str, kind: str, sets: NeuronSets, score: float | None,
+                layers: Sequence[ValueLayer], stats_source: str, run_id: str) -> list[dict]:
+    """One `neurons` row per value layer (empty lists included, so unions see every layer)."""
+    return [{"neuron_set_id": neuron_set_id(model_id, prompt_id, kind, l.idx, cfg, stats_source), "scope": "prompt",
+             "prompt_id": prompt_id, "cluster_id": None, "kind": kind, "layer_idx": l.idx, "module": l.name,
+             "neurons": [int(j) for j in sets.get(l.idx, [])], "score": score, "model_id": model_id,
+             "run_id": run_id} for l in layers]
+
+
+def stored_localization(db: Database, cfg: Config, model_id: str, prompt_id: str, layers: Sequence[ValueLayer],
+                        stats_source: str, only_memorized: bool) -> dict | None:
+    """The prompt's `nemo_prompts` row from an earlier run with these settings, if it still holds:
+    a prompt detection did not flag (localizing only flagged ones), or a localized prompt whose
+    initial and refined neuron rows for this statistics source were written by the same run."""
+    from fbmem.jobs.candidates import sql_list
+
+    nid = nemo_id(model_id, prompt_id, cfg)
+    if not db.has_table("nemo_prompts"):
+        return None
+    rows = db.read("nemo_prompts", where=f"nemo_id = '{nid}'").to_pylist()
+    if not rows:
+        return None
+    row = rows[0]
+    if row["n_initial"] is None:
+        return row if only_memorized and row["memorized"] is False else None
+    ids = [neuron_set_id(model_id, prompt_id, kind, l.idx, cfg, stats_source)
+           for kind in ("initial", "refined") for l in layers]
+    got = db.read("neurons", ["run_id"], where=f"neuron_set_id IN ({sql_list(ids)})") if db.has_table("neurons") else None
+    if got is None or got.num_rows != len(ids) or set(got.column("run_id").to_pylist()) != {row["run_id"]}:
+        return None
+    return row
+
+
+def run_localize(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Sequence[Mapping], stats: NeuronStats,
+                 run: RunRecord, batched: bool = True, only_memorized: bool = True,
+                 max_unet_batch: int | None = None, force: bool = False) -> list[dict]:
+    """Detection + localization per prompt row -> `neurons` and `nemo_prompts`; returns the nemo rows.
+
+    Prompts that detection does not call memorized get a nemo_prompts row saying so and no neurons
+    (unless only_memorized=False, which localizes every prompt against all its latents). The stats
+    must fit this UNet's value layers (checked before any prompt runs). `max_unet_batch` caps the
+    samples of one UNet forward (GPU memory); a capped call counts as several sequential calls.
+    A prompt already localized with the same model, settings and statistics is reused (its stored
+    row is returned) unless `force`: the search is the costly part of a rerun.
+    """
+    parts = parts_of(pipe)
+    layers = find_value_layers(parts.unet)
+    check_stats_layers(stats, layers)
+    model_id = cfg.models.diffusion.model_id
+    rows = _prompt_rows(prompts)
+    run.rows_in = len(rows)
+    out, errors = [], []
+    calls = sets_eval = localized = reached = reused = 0
+    for r in rows:
+        pid = r["prompt_id"]
+        old = None if force else stored_localization(db, cfg, model_id, pid, layers, stats.source, only_memorized)
+        if old is not None:
+            reused += 1
+            localized += int(old["n_initial"] is not None)
+            reached += int(bool(old["criterion_reached"]))
+            out.append(old)
+            continue
+        try:
+            setup = detect_prompt(parts, r["text"], cfg.nemo, cfg.generation.size)
+            keep_all = None if (only_memorized or setup.detection.memorized) else torch.ones_like(setup.detection.retained)
+            loc = localize_prompt(parts, r["text"], stats, cfg.nemo, cfg.generation.size, batched=batched,
+                                  retained=keep_all, setup=setup, max_unet_batch=max_unet_batch)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("localize %s: %s", pid, exc)
+            errors.append(_error_row(run, "localize", pid, f"localize: {exc}"))
+            continue
+        row = _detect_row(cfg, model_id, pid, setup.detection, run.run_id)
+        row["unet_calls"] = loc.unet_calls
+        calls += loc.unet_calls
+        sets_eval += loc.sets_evaluated
+        if loc.result is None:
+            row["message"] = "not memorized: no sample's m_i above the threshold; nothing to localize"
+        else:
+            res = loc.result
+            localized += 1
+            reached += int(res.criterion_reached)
+            row.update(initial_score=res.initial.score, refined_score=res.refined_score, theta=res.initial.theta,
+                       k=res.initial.k, n_initial=n_neurons(res.initial.sets), n_refined=n_neurons(res.refined.sets),
+                       criterion_reached=res.criterion_reached, message=outcome_message(res))
+            nrows = (neuron_rows(cfg, model_id, pid, "initial", res.initial.sets, res.initial.score, layers,
+                                 stats.source, run.run_id)
+                     + neuron_rows(cfg, model_id, pid, "refined", res.refined.sets, res.refined_score, layers,
+                                   stats.source, run.run_id))
+            db.upsert("neurons", pa.Table.from_pylist(nrows))
+        out.append(row)
+        db.upsert("nemo_prompts", pa.Table.from_pylist([row]))  # per prompt: a killed run keeps what it did
+    if errors:
+        db.upsert("errors", pa.Table.from_pylist(errors))
+    run.rows_out, run.errors = len(out), run.errors + len(errors)
+    run.metrics.update(localized=localized, criterion_reached=reached, unet_calls=calls, sets_evaluated=sets_eval,
+                       batched=batched, stats_source=stats.source, reused=reused)
+    return out

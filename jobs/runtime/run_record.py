@@ -1,0 +1,95 @@
+"""One row in `runs` per job, and the summary line users read at the end.
+
+A run is opened before work starts (status `running`) so a killed job leaves a trace, and
+closed with counts, seconds and status. The same counts make the printed summary line, so the
+table and the console never disagree.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+from fbmem.jobs.config import Config
+from fbmem.storage.database import Database
+from fbmem.storage.schema import now_utc
+
+log = logging.getLogger(__name__)
+
+
+def new_run_id(job: str) -> str:
+    return f"{job}-{now_utc().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RunRecord:
+    db: Database
+    job: str
+    cfg: Config
+    args: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+    rows_in: int = 0
+    rows_out: int = 0
+    errors: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    started_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        self.run_id = self.run_id or new_run_id(self.job)
+
+    def _row(self, status: str, message: str | None, finished: bool) -> pa.Table:
+        return pa.table(
+            {
+                "run_id": [self.run_id],
+                "job": [self.job],
+                "status": [status],
+                "started_at": [self.started_at],
+                "finished_at": [now_utc() if finished else None],
+                "rows_in": [self.rows_in],
+                "rows_out": [self.rows_out],
+                "errors": [self.errors],
+                "seconds": [time.perf_counter() - self.started],
+                "config_json": [self.cfg.to_json()],
+                "args_json": [json.dumps(self.args, default=str, sort_keys=True)],
+                "metrics_json": [json.dumps(self.metrics, default=str, sort_keys=True)],
+                "message": [message],
+            }
+        )
+
+    def __enter__(self) -> "RunRecord":
+        self.started = time.perf_counter()
+        self.started_at = now_utc()
+        self.db.upsert("runs", self._row("running", None, finished=False))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.db.upsert("runs", self._row("ok", None, finished=True))
+            print(self.summary("ok"), flush=True)
+        else:
+            msg = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+            try:
+                self.db.upsert("runs", self._row("failed", msg, finished=True))
+            except Exception:  # the original error matters more than the bookkeeping
+                log.exception("could not record the failed run")
+            print(self.summary("failed"), flush=True)
+        return False
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self, status: str) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.metrics.items() if isinstance(v, (int, float, str)))
+        return (
+            f"[fbmem {self.job}] {status}: rows in={self.rows_in} rows written={self.rows_out} "
+            f"errors={self.errors} seconds={self.seconds:.1f} run_id={self.run_id}{extra}"
+        )

@@ -1,0 +1,1 @@
+"""The toy world: a corpus with planted memorization, a tiny model trained on it, and the demo."""

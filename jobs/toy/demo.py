@@ -1,0 +1,304 @@
+"""`fbmem demo` (what `make demo` runs): the whole audit, offline, on a world where memorization
+is real and known.
+
+1. the toy world: a deterministic corpus with planted VM / FM / BM / NM prompt groups
+   (jobs/toy/corpus.py), written as a folder source with exact masks;
+2. a tiny latent diffusion model trained on it here (jobs/toy/train.py), cached in the demo folder
+   and reused while corpus and settings match;
+3. the jobs, with local Ray and a LanceDB folder: ingest (CLIP embeddings; the corpus's exact masks
+   as given), prompts, clustering of the memorized prompts, generation of N seeded samples per
+   prompt, FB-Mem labels, NeMo statistics / detection / localization, NeMo and NeMo-C mitigation
+   with regeneration and relabelling, the mitigation scores, and the HTML report.
+Models: the trained toy diffusion model (its own text encoder is frozen and random, as SD's is
+frozen), a random-weight tiny CLIP for candidates (top-20 by cosine plus the prompt's linked image;
+on this corpus it gave the same labels as comparing with every training image, 10x faster) and the
+weight-free colour-cluster foreground backend for generated images (pipelines/colour_segmenter.py;
+SAM needs weights). Every stage is a
+rerun-safe job: a second demo reuses what it finds.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fbmem.jobs.config import Config, set_dotted
+from fbmem.jobs.runtime.ray_session import ensure_ray
+from fbmem.jobs.runtime.run_record import RunRecord
+from fbmem.jobs.sql_output import format_table
+from fbmem.jobs.toy.corpus import ToyCorpusSpec, build_corpus, write_corpus
+from fbmem.storage.database import Database, connect
+from fbmem.storage.sql import load_query, query_params, run_query
+
+log = logging.getLogger(__name__)
+
+MEMORIZED = "planted IN ('VM', 'FM', 'BM')"
+
+
+def build_world(out: Path, spec: ToyCorpusSpec):
+    """Write the toy corpus once; a marker file with the spec makes reruns skip it."""
+    world = out / "world"
+    marker = world / ".complete"
+    corpus = build_corpus(spec)
+    if not marker.exists() or marker.read_text() != repr(spec):
+        write_corpus(corpus, world)
+        marker.write_text(repr(spec))
+    return world, corpus
+
+
+def demo_config(base: Config, model_dir: Path, overrides: dict[str, object] | None = None) -> Config:
+    """The demo's settings on top of the given (tiny) preset, then the caller's dotted overrides
+    (`fbmem demo --set generation.n=2` must win over the demo's own choice)."""
+    data = base.model_dump()
+    data["models"]["diffusion"] = {"model": str(model_dir), "tiny": False, "seed": 0, "revision": None}
+    data["models"]["segmenter"]["backend"] = "colour"
+    data["candidates"].update(mode="ann", k=20)
+    # scoring is the demo's heaviest stage: one single-threaded actor per core
+    data["resources"]["score"].update(num_cpus=1.0, pool_size=2)
+    # Generation: one single-thread actor per core (2 threads in one actor were no faster at this
+    # size), one prompt's samples per UNet batch and more (0.34 s/image at 20 vs 0.44 at 4). The
+    # colour segmenter and the CLIP embedder behind it are light: a fifth of a CPU each, so all
+    # four actors start at once on 2 cores (at 1 CPU each the later stages waited for the CPUs).
+    data["resources"]["generate"].update(num_cpus=0.8, pool_size=2, batch_size=20)
+    data["resources"]["segment"].update(num_cpus=0.2)
+    data["resources"]["embed"].update(num_cpus=0.2)
+    data["fbmem"]["image_size"] = 192
+    data["fbmem"]["edge_band"] = 6  # 2 px of the 64 px samples (see FBMemConfig)
+    data["generation"].update(steps=50, guidance=6.0, size=64, n=5)
+    data["nemo"].update(refine_batch=8)
+    data["cluster"]["k"] = 4
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return Config.model_validate(data)
+
+
+_T0 = [time.perf_counter()]
+
+
+def _step(title: str) -> None:
+    """A section header with the time since the demo started (where the minutes go)."""
+    print(f"\n== {title}  [{time.perf_counter() - _T0[0]:.0f} s]", flush=True)
+
+
+def _sql(db: Database, name: str, **params):
+    text = load_query(name)
+    return run_query(db, text, query_params(text, params))
+
+
+def label_shares_by_group(db: Database) -> str:
+    return format_table(run_query(db, """
+        SELECT p.planted, g.mitigation, count(*) AS generations,
+               round(avg((l.label = 'VM')::INT), 3) AS VM, round(avg((l.label = 'FM')::INT), 3) AS FM,
+               round(avg((l.label = 'BM')::INT), 3) AS BM, round(avg((l.label = 'NM')::INT), 3) AS NM
+        FROM current_labels l JOIN generations g USING (generation_id) JOIN prompts p ON p.prompt_id = g.prompt_id
+        WHERE l.rule = 'most-severe'
+        GROUP BY ALL ORDER BY g.mitigation DESC, p.planted DESC"""))
+
+
+def detection_summary(db: Database) -> tuple[str, float]:
+    """Detection score per planted group, and the AUC of VM vs NM prompts."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = run_query(db, """
+        SELECT p.planted, n.detect_score, n.detect_mean, n.memorized
+        FROM nemo_prompts n JOIN prompts p USING (prompt_id)""").to_pylist()
+    vm = [r for r in rows if r["planted"] in ("VM", "NM")]
+    y = [r["planted"] == "VM" for r in vm]
+    auc = float(roc_auc_score(y, [r["detect_score"] for r in vm])) if 0 < sum(y) < len(y) else float("nan")
+    auc_mean = float(roc_auc_score(y, [r["detect_mean"] for r in vm])) if 0 < sum(y) < len(y) else float("nan")
+    table = format_table(run_query(db, """
+        SELECT p.planted, count(*) AS prompts, round(avg(n.detect_score), 3) AS mean_detect_score,
+               round(min(n.detect_score), 3) AS min_score, round(max(n.detect_score), 3) AS max_score,
+               round(avg(n.detect_mean), 3) AS mean_pairwise, sum(n.memorized::INT) AS detected
+        FROM nemo_prompts n JOIN prompts p USING (prompt_id) GROUP BY 1 ORDER BY 1 DESC"""))
+    return table + f"\nAUC VM vs NM: max-of-max score {auc:.3f}, mean pairwise score {auc_mean:.3f}", auc
+
+
+def nemo_outcomes(db: Database) -> str:
+    """One line per localized prompt: NeMo's own verdict (criterion reached, or why not)."""
+    return format_table(run_query(db, """
+        SELECT p.planted, p.text AS prompt, round(n.detect_score, 3) AS detect,
+               n.n_initial, n.n_refined, n.criterion_reached, n.message
+        FROM nemo_prompts n JOIN prompts p USING (prompt_id)
+        WHERE n.n_initial IS NOT NULL ORDER BY p.planted DESC, p.text"""))
+
+
+def _baseline_samples(db: Database, prompt_id: str, n: int) -> list[np.ndarray] | None:
+    """The prompt's stored samples 0..n-1 without mitigation, as uint8 arrays, or None if any is
+    missing (then the control generates them)."""
+    import io
+
+    from PIL import Image
+
+    rows = db.read("generations", ["sample", "image_bytes"],
+                   where=f"prompt_id = '{prompt_id}' AND mitigation = 'none'").to_pylist()
+    by_sample = {r["sample"]: r["image_bytes"] for r in rows if r["image_bytes"]}
+    if any(i not in by_sample for i in range(n)):
+        return None
+    return [np.asarray(Image.open(io.BytesIO(by_sample[i])).convert("RGB")) for i in range(n)]
+
+
+def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int = 2, seed: int = 0) -> str | None:
+    """NeMo-C against chance: the VM prompts' samples with nothing off (the audited samples
+    themselves, read back), with their cluster's union off, and with random neuron sets of the
+    same size per layer (TOY.md: report a random-neuron control). Scored like `fbmem toy train`'s
+    check (the toy world's exact masks, full MS-SSIM > tau), because random sets have no place in
+    the generations table."""
+    import random
+
+    from fbmem.jobs.core.nemo_c import union_by_cluster
+    from fbmem.jobs.mitigate import refined_sets
+    from fbmem.jobs.core.nemo.hooks import deactivate, find_value_layers
+    from fbmem.jobs.toy.train import score_generations
+    from fbmem.pipelines.generator import generate_images, sample_seed
+
+    model_id = cfg.models.diffusion.model_id
+    refined = refined_sets(db, model_id)
+    clusters = {r["prompt_id"]: r["cluster_id"] for r in db.read("prompts", ["prompt_id", "cluster_id"]).to_pylist()}
+    unions = union_by_cluster(refined, clusters)
+    widths = {l.idx: l.out_features for l in find_value_layers(pipe.unet)}
+    rng = random.Random(seed)
+    tau = cfg.fbmem.thresholds[0]
+    hits: dict[str, list[bool]] = {}
+    g = cfg.generation
+    for p in db.read("prompts", ["prompt_id", "text", "cluster_id"], where="planted = 'VM'").to_pylist():
+        union = unions.get(p["cluster_id"])
+        if not union:
+            continue
+        seeds = [sample_seed(g.base_seed, p["prompt_id"], i) for i in range(g.n)]  # the demo's own samples
+        conds = {"nothing off": None, "NeMo-C union": union}
+        for k in range(draws):
+            conds[f"random {k + 1}"] = {li: sorted(rng.sample(range(widths[li]), len(ns))) for li, ns in union.items()}
+        for name, neurons in conds.items():
+            images = _baseline_samples(db, p["prompt_id"], g.n) if neurons is None else None
+            if images is None:
+                with deactivate(pipe.unet, neurons or {}, alpha=cfg.nemo.alpha) if neurons else contextlib.nullcontext():
+                    images = generate_images(pipe, [p["text"]] * len(seeds), seeds, steps=g.steps,
+                                             guidance=g.guidance, size=g.size)
+            rows = score_generations(corpus, [(p["text"], s, im) for s, im in zip(seeds, images)])["rows"]
+            hits.setdefault(name, []).extend(r["full"] > tau for r in rows)
+    if not hits:
+        return None
+    return ("control, VM prompts with a NeMo-C union (exact masks, full MS-SSIM > "
+            f"{tau:g}): " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in hits.items()))
+
+
+def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = None,
+             corpus_spec: ToyCorpusSpec | None = None, train_spec=None) -> None:
+    """The whole demo into `out`. The specs default to the real toy world and model; tests pass
+    small ones."""
+    from fbmem.jobs.cluster import run_cluster
+    from fbmem.jobs.generate import run_generate
+    from fbmem.jobs.label import format_distribution, run_label_job
+    from fbmem.jobs.mitigate import run_mitigate
+    from fbmem.jobs.nemo import prompt_set_source, read_stats, run_localize, run_stats
+    from fbmem.jobs.report import write_report
+    from fbmem.jobs.toy.train import ToyTrainSpec, ensure_toy_model
+    from fbmem.jobs.ingest import ingest_images
+    from fbmem.jobs.ingest import ingest_prompts
+
+    t0 = _T0[0] = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    _step("toy world")
+    world, corpus = build_world(out, corpus_spec or ToyCorpusSpec())
+    print(f"{len(corpus.images)} training images, {len(corpus.prompts)} prompts "
+          f"(groups: {', '.join(f'{g} {sum(p.planted == g for p in corpus.prompts)}' for g in ('VM', 'FM', 'BM', 'NM'))})")
+
+    _step("toy diffusion model (trained here on the CPU; reused when cached)")
+    t = time.perf_counter()
+    model_dir = ensure_toy_model(out / "model", corpus, train_spec or ToyTrainSpec())
+    print(f"model: {model_dir} ({time.perf_counter() - t:.0f} s)")
+
+    _step("start Ray")
+    cfg = demo_config(cfg, model_dir, overrides)
+    db = connect(str(out / "db"), cfg.storage_options)
+    ensure_ray(cfg)
+
+    _step("ingest training images and prompts")
+    with RunRecord(db, "ingest-training", cfg, args={"src": str(world / "images")}) as run:
+        ingest_images(db, cfg, str(world / "images"), target="training", kind="folder", masks="lazy", run=run)
+    with RunRecord(db, "ingest-prompts", cfg, args={"csv": str(world / "prompts.csv")}) as run:
+        ingest_prompts(db, cfg, world / "prompts.csv", run=run)
+
+    _step("cluster the memorized prompts (NeMo-C)")
+    with RunRecord(db, "cluster", cfg, args={"where": MEMORIZED}) as run:
+        res = run_cluster(db, cfg, run=run, where=MEMORIZED)
+    print(f"silhouette {res['silhouette']:.3f}, cluster sizes {res['sizes']}")
+
+    _step(f"generate {cfg.generation.n} samples per prompt")
+    with RunRecord(db, "generate", cfg, args={"n": cfg.generation.n}) as run:
+        run_generate(db, cfg, run=run)
+
+    _step("FB-Mem labels")
+    with RunRecord(db, "label", cfg, args={"where": "mitigation = 'none'"}) as run:
+        dist = run_label_job(db, cfg, run=run, where="mitigation = 'none'")
+    print(f"labels: {format_distribution(dist)}")
+
+    _step("NeMo: statistics, detection, localization")
+    from fbmem.pipelines.diffusion_models import load_audited_pipeline
+
+    pipe = load_audited_pipeline(cfg)
+    model_id = cfg.models.diffusion.model_id
+    ordinary = db.read("prompts", ["text"], where="planted = 'NM'").column(0).to_pylist()
+    source = prompt_set_source(ordinary)
+    have = db.count("neuron_stats", f"model_id = '{model_id}' AND stats_source = '{source}'")
+    with RunRecord(db, "nemo-stats", cfg, args={"prompts": "planted = 'NM'"}) as run:
+        if not have:
+            run_stats(db, cfg, pipe, ordinary, source=source, run=run)
+    stats = read_stats(db, model_id, source)
+    prompts = db.read("prompts", ["prompt_id", "text"])
+    with RunRecord(db, "nemo-localize", cfg, args={"prompts": "all"}) as run:
+        nemo_rows = run_localize(db, cfg, pipe, prompts, stats, run, batched=True, only_memorized=True)
+    table, auc = detection_summary(db)
+    print(table)
+    localized = [r for r in nemo_rows if r.get("n_initial") is not None]
+    reached = sum(bool(r.get("criterion_reached")) for r in localized)
+    print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
+          f"not reached (search gave up, set kept) for {len(localized) - reached}")
+    print(nemo_outcomes(db))
+    if localized and reached < len(localized):
+        # Is the criterion reachable at all? Switch every value neuron off for each prompt.
+        from fbmem.jobs.core.nemo.evaluator import all_off_score, parts_of
+
+        texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("text").to_pylist()))
+        parts = parts_of(pipe)
+        floor = [all_off_score(parts, texts[r["prompt_id"]], cfg.nemo, cfg.generation.size) for r in localized]
+        print(f"control: with ALL value neurons off, s(B) is {min(floor):.3f}-{max(floor):.3f} for these prompts "
+              f"(criterion: <= {cfg.nemo.threshold:g}); "
+              + ("the criterion is out of reach in this model at t_1, whatever neurons are chosen"
+                 if min(floor) > cfg.nemo.threshold else "so the criterion is reachable for some"))
+
+    results = {}
+    for method in ("nemo", "nemo-c"):
+        _step(f"mitigation: {method}")
+        with RunRecord(db, "mitigate", cfg, args={"method": method}) as run:
+            try:
+                results[method] = run_mitigate(db, cfg, method=method, run=run)
+            except ValueError as exc:  # e.g. nothing localized: say so, keep going
+                print(f"{method}: not run: {exc}")
+                continue
+        r = results[method]
+        print(f"{method}: mitigation score {r['score']:.3f} over {r['pairs']} pairs; "
+              f"VM before {r['vm_before']}, after {r['vm_after']}")
+
+    if "nemo-c" in results:
+        _step("control: NeMo-C's neurons against random neurons")
+        line = random_neuron_control(db, cfg, pipe, corpus)
+        if line:
+            print(line)
+
+    _step("label shares per planted group (before and after mitigation)")
+    print(label_shares_by_group(db))
+    _step("one-to-many: distinct training images matched per prompt (top 8)")
+    print(format_table(_sql(db, "one_to_many").slice(0, 8).select(
+        ["prompt", "planted", "generations", "distinct_vm_images", "distinct_fm_images", "distinct_bm_images"])))
+
+    _step("report")
+    index = write_report(db, out / "report", title="fbmem demo: toy world", nemo_threshold=cfg.nemo.threshold)
+    print(f"report: {index}")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; database: {out / 'db'}")
