@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-LABELS = ("VM", "BM", "FM", "NM")  # the matrix's row/column order in SPEC section 8
+from fbmem.jobs.core.label_rule import LABELS  # the one label order, most severe first
+
+# SPEC section 8 prints its matrix in the order VM, BM, FM, NM; the weights are keyed by
+# (before, after), so the order is only presentation: fbmem uses LABELS everywhere.
 
 WEIGHTS: dict[tuple[str, str], float] = {
     ("VM", "VM"): 0.0, ("VM", "BM"): 1.5, ("VM", "FM"): 0.5, ("VM", "NM"): 2.0,

@@ -88,7 +88,9 @@ def test_sql_twin_matches_python(tmp_path):
         assert r["pairs"] == len(b)
         assert r["mitigation_score"] == pytest.approx(mitigation_score(b, a), abs=1e-4)
         m = transition_matrix(b, a)
-        assert r["vm_to_nm"] == m[0][3] and r["nm_to_vm"] == m[3][0] and r["fm_to_bm"] == m[2][1]
+        at = {lab: i for i, lab in enumerate(LABELS)}
+        assert r["vm_to_nm"] == m[at["VM"]][at["NM"]] and r["nm_to_vm"] == m[at["NM"]][at["VM"]]
+        assert r["fm_to_bm"] == m[at["FM"]][at["BM"]]
         assert r["vm_before"] == b.count("VM") and r["vm_after"] == a.count("VM")
     assert {(r["method"], r["level"], r["cluster_id"]) for r in rows} == {
         (m, lvl, c) for m in ("nemo", "nemo-c") for lvl, c in (("overall", None), ("cluster", 0), ("cluster", 1))}
