@@ -15,9 +15,9 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-
 from fbmem.jobs.config import Config
 from fbmem.storage.database import Database
+from fbmem.storage.keys import sql_list
 from fbmem.storage.vector_index import search
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,6 @@ CANDIDATE_SCHEMA = pa.schema(
 )
 # when a pair comes from several sources, the first listed names it (its rank and distance kept)
 SOURCE_ORDER = ("ann", "exact", "linked")
-
-
-def sql_list(values) -> str:
-    """A SQL IN-list of string literals (quotes escaped)."""
-    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
 
 def merge_candidates(parts: list[pa.Table]) -> pa.Table:

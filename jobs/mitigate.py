@@ -8,16 +8,15 @@ before/after label pairs give the mitigation score.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 
 import pyarrow as pa
-
 from fbmem.jobs.config import Config
 from fbmem.jobs.core.nemo_c import union_by_cluster
 from fbmem.jobs.runtime.run_record import RunRecord
 from fbmem.storage.database import Database
+from fbmem.storage.keys import sql_literal, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +27,8 @@ def refined_sets(db: Database, model_id: str) -> NeuronSets:
     """Per prompt, per layer: the refined neurons NeMo localized for this model."""
     if not db.has_table("neurons"):
         return {}
-    mid = model_id.replace("'", "''")
     rows = db.read("neurons", ["prompt_id", "layer_idx", "neurons"],
-                   where=f"scope = 'prompt' AND kind = 'refined' AND model_id = '{mid}'").to_pylist()
+                   where=f"scope = 'prompt' AND kind = 'refined' AND model_id = {sql_literal(model_id)}").to_pylist()
     out: NeuronSets = defaultdict(dict)
     for r in rows:
         out[r["prompt_id"]][int(r["layer_idx"])] = list(r["neurons"] or [])
@@ -57,7 +55,7 @@ def neurons_for_method(db: Database, cfg: Config, method: str, run_id: str | Non
     unions = union_by_cluster(refined, clusters)
     if run_id is not None:
         rows = [
-            {"neuron_set_id": hashlib.sha256(f"{model_id}|cluster|{c}|{layer}".encode()).hexdigest(),
+            {"neuron_set_id": stable_hash("neurons", "cluster", model_id, c, layer),
              "scope": "cluster", "cluster_id": c, "kind": "union", "layer_idx": layer,
              "module": f"layer{layer}", "neurons": ns, "model_id": model_id, "run_id": run_id}
             for c, layers in unions.items() for layer, ns in layers.items()
@@ -95,9 +93,9 @@ def run_mitigate(db: Database, cfg: Config, *, method: str, run: RunRecord, alph
         where = f"({where}) AND ({prompt_filter})"
     counts = run_generate(db, cfg, run=run, n=n, prompt_filter=where, mitigation=method, alpha=alpha,
                           neurons_by_prompt=neurons)
-    label_run = RunRecord(db, "label", cfg, args={"where": f"mitigation = '{method}'"})
+    label_run = RunRecord(db, "label", cfg, args={"where": f"mitigation = {sql_literal(method)}"})
     with label_run:
-        run_label_job(db, cfg, run=label_run, where=f"mitigation = '{method}'")
+        run_label_job(db, cfg, run=label_run, where=f"mitigation = {sql_literal(method)}")
     result = score_method(db, method)
     run.metrics.update(method=method, prompts=len(ids), mitigation_score=round(result["score"], 4),
                        vm_before=result["vm_before"], vm_after=result["vm_after"], pairs=result["pairs"])

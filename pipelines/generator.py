@@ -26,9 +26,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
-
 from fbmem.jobs.config import Config
+from fbmem.storage.keys import content_hash, stable_hash
+from PIL import Image
 
 MITIGATIONS = ("none", "nemo", "nemo-c")
 
@@ -158,7 +158,7 @@ def recipe_id(
         "size": int(size),
         "scheduler": "ddim",
     }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    return stable_hash(recipe)
 
 
 # ---------------------------------------------------------------------------- generation (pure)
@@ -310,7 +310,7 @@ class Generator:
                              row.get("alpha"), g.steps, g.guidance, g.size, neurons_json=row.get("neurons_json"))
         except (ValueError, TypeError, KeyError):
             raw = {k: row.get(k) for k in RECIPE_SCHEMA.names}
-            return hashlib.sha256(json.dumps([self.model_id, raw], sort_keys=True, default=str).encode()).hexdigest()
+            return stable_hash([self.model_id, raw])
 
     def _to_table(self, rows: list[dict], results: dict[int, np.ndarray | str]) -> pa.Table:
         g = self.gen
@@ -325,7 +325,7 @@ class Generator:
                 rec["error"] = res
             else:
                 data = encode_png(res)
-                rec.update(image_bytes=data, image_id=hashlib.sha256(data).hexdigest(),
+                rec.update(image_bytes=data, image_id=content_hash(data),
                            width=int(res.shape[1]), height=int(res.shape[0]))
             out.append(rec)
         return pa.Table.from_pylist(out, schema=GENERATED_SCHEMA)

@@ -6,7 +6,6 @@ Pure functions (no Ray): `decode_image` turns encoded bytes into an 8-bit RGB `P
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 import urllib.error
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from fbmem.storage.keys import content_hash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 USER_AGENT = "fbmem/0.1 (+image audit)"
@@ -42,7 +42,7 @@ class ImageError(ValueError):
 
 
 def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return content_hash(data)
 
 
 # --------------------------------------------------------------------------------------------- reading

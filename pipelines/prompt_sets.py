@@ -16,13 +16,13 @@ is not a number) raise `PromptSetError` naming the file, line and column.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+from fbmem.storage.keys import content_hash
 
 PROMPT_SET_SCHEMA = pa.schema(
     [
@@ -67,7 +67,7 @@ class PromptSetRead:
 
 def prompt_id(text: str) -> str:
     """Stable id of a prompt: sha256 of its (stripped) text, so the same prompt in two files is one id."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return content_hash(text.encode("utf-8"))
 
 
 def _detect(header_line: str, name: str) -> tuple[str, list[str], dict[str, int]]:
