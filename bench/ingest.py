@@ -57,8 +57,8 @@ def bare_loop(paths: list[Path], cfg, batch_size: int) -> float:
 
 def ray_seconds(folder: Path, cfg, n: int) -> float:
     """Wall time of the whole pipeline over `folder` (actor start and model load included)."""
-    from fbmem.jobs.runtime.ray_session import ensure_ray
     from fbmem.jobs.ingest import RowCounter
+    from fbmem.jobs.runtime.ray_session import ensure_ray
     from fbmem.pipelines.ingest import build_image_stream
     from fbmem.pipelines.sources import open_source
 

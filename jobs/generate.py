@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-from tqdm import tqdm
 
 from fbmem.jobs.config import Config
 from fbmem.jobs.core.nemo.hooks import deactivate
-from fbmem.jobs.runtime.run_record import RunRecord, now_utc
+from fbmem.jobs.ingest import check_model_matches
+from fbmem.jobs.runtime.run_record import RunRecord
+from fbmem.jobs.runtime.stream import ErrorSource, drain
+from fbmem.pipelines.actors import actor_kwargs, batch_blocks
 from fbmem.pipelines.generator import (
     MITIGATIONS,
     RECIPE_SCHEMA,
@@ -35,8 +36,7 @@ from fbmem.pipelines.generator import (
     recipe_id,
     sample_seed,
 )
-from fbmem.jobs.ingest import check_model_matches
-from fbmem.pipelines.ingest import actor_kwargs, batch_blocks, error_id, image_rows
+from fbmem.pipelines.ingest import image_rows
 from fbmem.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -125,24 +125,15 @@ def generation_rows(batch: pa.Table, cfg: Config, run_id: str) -> pa.Table:
     return rows
 
 
-def generation_error_rows(batch: pa.Table, job: str, run_id: str) -> pa.Table:
-    """Failed rows -> `errors`, keyed by (job, stage, generation_id) so a rerun overwrites them."""
-    reasons = batch.column("error").to_pylist()
-    stages = [r.split(":", 1)[0] if r.split(":", 1)[0] in _STAGES else "generate" for r in reasons]
-    gids = batch.column("generation_id").to_pylist()
-    pids = batch.column("prompt_id").to_pylist()
-    samples = batch.column("sample").to_pylist()
-    n = batch.num_rows
-    return pa.table({
-        "error_id": [error_id(job, st, g) for st, g in zip(stages, gids)],
-        "job": [job] * n,
-        "stage": stages,
-        "source_uri": [f"prompt:{p}#sample={s}" for p, s in zip(pids, samples)],
-        "source_id": gids,
-        "reason": reasons,
-        "run_id": [run_id] * n,
-        "created_at": pa.array([now_utc()] * n, type=pa.timestamp("us", tz="UTC")),
-    })
+def _recipe_uris(bad: pa.Table) -> list[str]:
+    """The input of a failed generation: its prompt and sample."""
+    pids, samples = bad.column("prompt_id").to_pylist(), bad.column("sample").to_pylist()
+    return [f"prompt:{p}#sample={s}" for p, s in zip(pids, samples)]
+
+
+# Failed rows -> `errors`, keyed by (job, stage, generation_id) so a rerun overwrites them.
+GENERATION_ERRORS = ErrorSource(stage="generate", stages=_STAGES, source_uri=_recipe_uris,
+                                source_id="generation_id", key="generation_id")
 
 
 # --------------------------------------------------------------------------------- the job
@@ -219,15 +210,8 @@ def run_generate(
         return counts
 
     stream = build_generate_stream(pa.Table.from_pylist(todo, schema=RECIPE_SCHEMA), cfg)
-    with tqdm(total=len(todo), desc=f"generate ({mitigation})", unit="img", disable=None) as bar:
-        for batch in stream.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow"):
-            failed = pc.is_valid(batch.column("error"))
-            good, bad = batch.filter(pc.invert(failed)), batch.filter(failed)
-            if good.num_rows:
-                counts.written += db.upsert("generations", generation_rows(good, cfg, run.run_id))
-            if bad.num_rows:
-                db.upsert("errors", generation_error_rows(bad, run.job, run.run_id))
-                counts.errors += bad.num_rows
-            bar.update(batch.num_rows)
-            run.rows_out, run.errors = counts.written, counts.errors
+    batches = stream.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow")
+    done = drain(batches, db=db, table="generations", run=run, desc=f"generate ({mitigation})", unit="img",
+                 rows=lambda good: generation_rows(good, cfg, run.run_id), errors=GENERATION_ERRORS, total=len(todo))
+    counts.written, counts.errors = done.written, done.errors
     return counts

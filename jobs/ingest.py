@@ -14,14 +14,22 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from tqdm import tqdm
 
 from fbmem.jobs.config import Config
 from fbmem.jobs.runtime.run_record import RunRecord, now_utc
+from fbmem.jobs.runtime.stream import ErrorSource, drain
+from fbmem.pipelines.actors import actor_kwargs
 from fbmem.pipelines.clip_embedder import ClipTextEmbedder
-from fbmem.pipelines.ingest import TABLE_OF, Target, actor_kwargs, build_image_stream, error_rows, image_rows
+from fbmem.pipelines.ingest import (
+    ERROR_STAGES,
+    TABLE_OF,
+    Target,
+    build_image_stream,
+    image_rows,
+)
 from fbmem.pipelines.prompt_sets import load_prompt_set
 from fbmem.storage.database import Database, StorageError
+from fbmem.storage.keys import sql_literal
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +62,7 @@ def existing_image_keys(db: Database, target: Target, cfg: Config, masks: str) -
     if not db.has_table(table):
         return set()
     key = "image_id" if target == "training" else "generation_id"
-    model = cfg.models.clip.model_id.replace("'", "''")
-    where = f"embedding_model = '{model}'"
+    where = f"embedding_model = {sql_literal(cfg.models.clip.model_id)}"
     if masks == "eager":
         where += " AND mask_png IS NOT NULL"
     return set(db.read(table, columns=[key], where=where).column(0).to_pylist())
@@ -69,10 +76,12 @@ def check_model_matches(db: Database, table: str, cfg: Config) -> None:
     models = set(first.column(0).to_pylist())
     want = cfg.models.clip.model_id
     if models and want not in models:
-                raise StorageError(
+        raise StorageError(
             f"{table} in {db.uri} holds embeddings of {sorted(models)}, not {want}: "
             "use the same CLIP model (config models.clip) or another --db"
         )
+
+
 def ingest_images(
     db: Database,
     cfg: Config,
@@ -93,27 +102,16 @@ def ingest_images(
     existing = existing_image_keys(db, target, cfg, masks)
     source = open_source(src, kind=kind, generations=target == "generations")
     stream = build_image_stream(source, cfg, existing, counter, masks)
-    counts = IngestCounts()
-    job = run.job
-    with tqdm(desc=f"ingest {target}", unit="img", disable=None) as bar:
-        for batch in stream.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow"):
-            bad_mask = pc.is_valid(batch.column("error"))
-            good = batch.filter(pc.invert(bad_mask))
-            bad = batch.filter(bad_mask)
-            if good.num_rows:
-                counts.written += db.upsert(table, image_rows(good, target, cfg, run.run_id))
-            if bad.num_rows:
-                db.upsert("errors", error_rows(bad, job, run.run_id))
-                counts.errors += bad.num_rows
-            counts.rows_in += batch.num_rows
-            bar.update(batch.num_rows)
-            run.rows_in, run.rows_out, run.errors = counts.rows_in, counts.written, counts.errors
+    batches = stream.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow")
+    done = drain(batches, db=db, table=table, run=run, desc=f"ingest {target}", unit="img",
+                 rows=lambda good: image_rows(good, target, cfg, run.run_id),
+                 errors=ErrorSource(stage="validate", stages=ERROR_STAGES), count_input=True)
+    counts = IngestCounts(rows_in=done.rows_in, written=done.written, errors=done.errors)
     counts.skipped = ray.get(counter.get.remote())
     counts.rows_in += counts.skipped
     run.rows_in = counts.rows_in
     run.metrics["skipped_existing"] = counts.skipped
     return counts
-
 
 
 def ingest_prompts(db: Database, cfg: Config, path: str | Path, *, run: RunRecord) -> int:
@@ -132,14 +130,13 @@ def ingest_prompts(db: Database, cfg: Config, path: str | Path, *, run: RunRecor
     ds = ray.data.from_arrow(table).map_batches(
         ClipTextEmbedder, fn_constructor_args=(cfg.to_json(),), **actor_kwargs(cfg.resources.embed)
     )
-    written = 0
-    with tqdm(total=table.num_rows, desc="ingest prompts", unit="prompt", disable=None) as bar:
-        for batch in ds.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow"):
-            n = batch.num_rows
-            batch = batch.append_column("run_id", pa.array([run.run_id] * n)).append_column(
-                "ingested_at", pa.array([now_utc()] * n, type=pa.timestamp("us", tz="UTC"))
-            )
-            written += db.upsert("prompts", batch)
-            bar.update(n)
-            run.rows_out = written
-    return written
+
+    def prompt_rows(batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        return batch.append_column("run_id", pa.array([run.run_id] * n)).append_column(
+            "ingested_at", pa.array([now_utc()] * n, type=pa.timestamp("us", tz="UTC"))
+        )
+
+    batches = ds.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow")
+    return drain(batches, db=db, table="prompts", run=run, desc="ingest prompts", unit="prompt",
+                 rows=prompt_rows, total=table.num_rows).written

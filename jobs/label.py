@@ -12,8 +12,6 @@ rerun with other settings adds rows beside the old ones instead of mixing them.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import Counter, defaultdict
 
@@ -22,21 +20,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from tqdm import tqdm
 
-from fbmem.jobs.candidates import find_candidates, sql_list
+from fbmem.jobs.candidates import find_candidates
 from fbmem.jobs.config import Config
-from fbmem.jobs.core.label_rule import RULE_MOST_SEVERE, RULE_PAPER, label_generation, pair_labels
-from fbmem.jobs.lazy_masks import ensure_masks
-from fbmem.jobs.runtime.cpu_allocator import default_cpu_block_bytes, retain_freed_memory
+from fbmem.jobs.core.label_rule import (
+    LABELS,
+    RULE_MOST_SEVERE,
+    RULE_PAPER,
+    label_generation,
+    pair_labels,
+)
 from fbmem.jobs.core.region_similarity import prepare_batch, score_pairs
+from fbmem.jobs.lazy_masks import ensure_masks
+from fbmem.jobs.runtime.cpu_allocator import (
+    default_cpu_block_bytes,
+    retain_freed_memory,
+)
 from fbmem.jobs.runtime.run_record import RunRecord, now_utc
-from fbmem.pipelines.ingest import actor_kwargs, batch_blocks, error_id
+from fbmem.jobs.runtime.stream import ErrorSource, drain
+from fbmem.pipelines.actors import actor_kwargs, batch_blocks
 from fbmem.storage.database import Database, connect
+from fbmem.storage.keys import sql_list, stable_hash
 
 log = logging.getLogger(__name__)
-
-LABEL_ORDER = ("VM", "FM", "BM", "NM")
 
 
 def score_settings(cfg: Config) -> dict:
@@ -52,16 +58,12 @@ def label_settings(cfg: Config, mode: str, k: int) -> dict:
     return {**score_settings(cfg), "taus": list(cfg.fbmem.thresholds), "candidates": mode, "k": k}
 
 
-def _hash(*parts) -> str:
-    return hashlib.sha256("\x1f".join(json.dumps(p, sort_keys=True, default=str) for p in parts).encode()).hexdigest()
-
-
 def pair_id(generation_id: str, image_id: str, settings: dict) -> str:
-    return _hash(generation_id, image_id, settings)
+    return stable_hash(generation_id, image_id, settings)
 
 
 def label_id(generation_id: str, rule: str, settings: dict) -> str:
-    return _hash(generation_id, rule, settings)
+    return stable_hash(generation_id, rule, settings)
 
 
 # ------------------------------------------------------------------------------- scoring actor
@@ -158,6 +160,14 @@ _SCORED_SCHEMA = pa.schema(
 )
 
 
+def _pair_uris(bad: pa.Table) -> list[str]:
+    """The input of a pair that could not be scored: generation|training image."""
+    return [f"{g}|{i}" for g, i in zip(bad.column("generation_id").to_pylist(), bad.column("image_id").to_pylist())]
+
+
+PAIR_ERRORS = ErrorSource(stage="score", source_uri=_pair_uris, source_id="generation_id")
+
+
 # ------------------------------------------------------------------------------- labels (pure)
 
 
@@ -224,39 +234,28 @@ def run_label_job(db: Database, cfg: Config, *, run: RunRecord, force: bool = Fa
         PairScorer, fn_constructor_args=(cfg.to_json(), db.uri), **actor_kwargs(res)
     )
     scored: list[dict] = []
-    with tqdm(total=cands.num_rows, desc="score pairs", unit="pair", disable=None) as bar:
-        for batch in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
-            good = batch.filter(pc.is_null(batch.column("error")))
-            bad = batch.filter(pc.is_valid(batch.column("error")))
-            if good.num_rows:
-                rows = good.drop_columns(["error"]).to_pylist()
-                for r in rows:
-                    r.update(pair_id=pair_id(r["generation_id"], r["image_id"], ssettings),
-                             region_metric=cfg.fbmem.region_metric, image_size=cfg.fbmem.image_size, run_id=run.run_id)
-                db.upsert("pair_scores", pa.Table.from_pylist(rows))
-                scored += rows
-            if bad.num_rows:
-                _write_errors(db, bad, run)
-            bar.update(batch.num_rows)
+
+    def pair_rows(good: pa.Table) -> pa.Table:
+        rows = good.to_pylist()
+        for r in rows:
+            r.update(pair_id=pair_id(r["generation_id"], r["image_id"], ssettings),
+                     region_metric=cfg.fbmem.region_metric, image_size=cfg.fbmem.image_size, run_id=run.run_id)
+        scored.extend(rows)
+        return pa.Table.from_pylist(rows)
+
+    drain(ds.iter_batches(batch_size=1024, batch_format="pyarrow"), db=db, table="pair_scores", run=run,
+          desc="score pairs", unit="pair", rows=pair_rows, errors=PAIR_ERRORS, total=cands.num_rows)
     run.metrics["pairs_scored"] = len(scored)
     label_rows = labels_from_pairs(scored, cfg, settings, run.run_id, mode)
     if label_rows:
         db.upsert("labels", pa.Table.from_pylist(label_rows))
     dist.update(r["label"] for r in label_rows if r["rule"] == RULE_MOST_SEVERE)
     run.rows_out = sum(dist.values())
-    for lab in LABEL_ORDER:
+    for lab in LABELS:
         run.metrics[lab] = dist.get(lab, 0)
     return dist
 
 
-def _write_errors(db: Database, bad: pa.Table, run: RunRecord) -> None:
-    rows = [{"error_id": error_id(run.job, "score", f"{r['generation_id']}|{r['image_id']}"), "job": run.job,
-             "stage": "score", "source_uri": f"{r['generation_id']}|{r['image_id']}", "source_id": r["generation_id"],
-             "reason": r["error"], "run_id": run.run_id, "created_at": now_utc()} for r in bad.to_pylist()]
-    db.upsert("errors", pa.Table.from_pylist(rows))
-    run.errors += len(rows)
-
-
 def format_distribution(dist: Counter) -> str:
     total = sum(dist.values()) or 1
-    return "  ".join(f"{lab}={dist.get(lab, 0)} ({dist.get(lab, 0) / total:.0%})" for lab in LABEL_ORDER)
+    return "  ".join(f"{lab}={dist.get(lab, 0)} ({dist.get(lab, 0) / total:.0%})" for lab in LABELS)

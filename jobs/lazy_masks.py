@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import logging
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-from tqdm import tqdm
 
-from fbmem.jobs.candidates import sql_list
 from fbmem.jobs.config import Config
 from fbmem.jobs.runtime.run_record import RunRecord
-from fbmem.pipelines.ingest import actor_kwargs, batch_blocks, error_id
-from fbmem.jobs.runtime.run_record import now_utc
+from fbmem.jobs.runtime.stream import ErrorSource, drain
+from fbmem.pipelines.actors import actor_kwargs, batch_blocks
 from fbmem.storage.database import Database
+from fbmem.storage.keys import sql_list
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +45,7 @@ def ensure_masks(db: Database, cfg: Config, table: str, ids: list[str], run: Run
     ds = ray.data.from_arrow(batch_blocks(rows, cfg.resources.segment.batch_size)).map_batches(
         SamSegmenter, fn_constructor_args=(cfg.to_json(),), **actor_kwargs(cfg.resources.segment)
     )
-    done = 0
-    with tqdm(total=len(todo), desc=f"masks ({table})", unit="img", disable=None) as bar:
-        for batch in ds.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow"):
-            has_err = "error" in batch.column_names
-            bad = batch.filter(pc.is_valid(batch.column("error"))) if has_err else batch.slice(0, 0)
-            good = batch.filter(pc.is_null(batch.column("error"))) if has_err else batch
-            if good.num_rows:
-                db.upsert(table, good.drop_columns(["error"]) if has_err else good)
-                done += good.num_rows
-            if bad.num_rows:
-                n = bad.num_rows
-                db.upsert("errors", pa.table({
-                    "error_id": [error_id(run.job, "mask", k) for k in bad.column(key).to_pylist()],
-                    "job": [run.job] * n, "stage": ["mask"] * n,
-                    "source_uri": bad.column("source_uri"), "source_id": bad.column(key),
-                    "reason": bad.column("error"), "run_id": [run.run_id] * n,
-                    "created_at": pa.array([now_utc()] * n, pa.timestamp("us", tz="UTC")),
-                }))
-                run.errors += n
-            bar.update(batch.num_rows)
-    return done
+    batches = ds.iter_batches(batch_size=cfg.ingest.write_batch_rows, batch_format="pyarrow")
+    errors = ErrorSource(stage="mask", source_id=key, key=key)
+    return drain(batches, db=db, table=table, run=run, desc=f"masks ({table})", unit="img", errors=errors,
+                 total=len(todo)).written

@@ -10,30 +10,26 @@ scan pays only for new images.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data import ActorPoolStrategy
 
-from fbmem.jobs.config import ActorResources, Config
-from fbmem.storage.schema import now_utc
+from fbmem.jobs.config import Config
+from fbmem.pipelines.actors import actor_kwargs
 from fbmem.pipelines.images import validate_batch
-from fbmem.pipelines.prompt_sets import prompt_id
 from fbmem.pipelines.masks import encode_mask_png, fg_fraction, mask_from_file_bytes
+from fbmem.pipelines.prompt_sets import prompt_id
+from fbmem.storage.schema import now_utc
 
 log = logging.getLogger(__name__)
 
 Target = Literal["training", "generations"]
 TABLE_OF: dict[str, str] = {"training": "training_images", "generations": "generations"}
-
-
-def error_id(job: str, stage: str, source: str | None) -> str:
-    """Reruns that meet the same bad input overwrite the same error row."""
-    return hashlib.sha256(f"{job}\x1f{stage}\x1f{source}".encode()).hexdigest()
+# The stages an error reason may name by its prefix ("clip: ..."); any other reason is validation's.
+ERROR_STAGES = ("mask", "clip", "sam")
 
 
 def drop_existing(batch: pa.Table, existing_ref, counter) -> pa.Table:
@@ -98,24 +94,6 @@ def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, arr)
     return table.append_column(name, arr)
-
-
-def batch_blocks(table: pa.Table, rows: int) -> list[pa.Table]:
-    """`table` cut into blocks of `rows` (an actor batch) for `ray.data.from_arrow`. One block goes
-    to one actor: a table handed over whole kept a pool of several actors at one busy actor."""
-    if table.num_rows == 0:
-        return [table]
-    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
-
-
-def actor_kwargs(res: ActorResources) -> dict:
-    return dict(
-        compute=ActorPoolStrategy(size=res.pool_size),
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus or None,
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-    )
 
 
 def build_image_stream(
@@ -191,25 +169,3 @@ def image_rows(batch: pa.Table, target: Target, cfg: Config, run_id: str) -> pa.
             "created_at": ts,
         }
     return pa.table(cols)
-
-
-def error_rows(batch: pa.Table, job: str, run_id: str) -> pa.Table:
-    reasons = batch.column("error").to_pylist()
-    sources = _col(batch, "source_uri").to_pylist()
-    source_ids = pc.cast(_col(batch, "source_id"), pa.string()).to_pylist()
-    stages = [r.split(":", 1)[0] if r.split(":", 1)[0] in ("mask", "clip", "sam") else "validate" for r in reasons]
-    n = batch.num_rows
-    return pa.table(
-        {
-            "error_id": [error_id(job, st, s) for st, s in zip(stages, sources)],
-            "job": [job] * n,
-            "stage": stages,
-            "source_uri": sources,
-            "source_id": source_ids,
-            "reason": reasons,
-            "run_id": [run_id] * n,
-            "created_at": pa.array([now_utc()] * n, type=pa.timestamp("us", tz="UTC")),
-        }
-    )
-
-

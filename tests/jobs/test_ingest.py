@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bad_inputs import EXPECTED_ERRORS, MUST_DECODE, write_bad_inputs, write_good_images
+from PIL import Image
+from typer.testing import CliRunner
+
 from fbmem.jobs.cli import app
 from fbmem.storage.database import connect
 from fbmem.storage.sql import run_query
-from PIL import Image
-from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -192,8 +193,9 @@ def test_batch_blocks_spread_a_table_over_an_actor_pool(ray_local) -> None:
     """Handed over whole, a table is one block and one actor of the pool does all the work."""
     import pyarrow as pa
     import ray
-    from fbmem.pipelines.ingest import batch_blocks
     from ray.data import ActorPoolStrategy
+
+    from fbmem.pipelines.actors import batch_blocks
 
     table = pa.table({"x": list(range(40))})
     blocks = batch_blocks(table, 8)
