@@ -1,28 +1,61 @@
 """The `fbmem` command line: one subcommand per job, each a thin shell over a function.
 
 Every command takes `--db` (a folder or object-store URI; env FBMEM_DB), `--preset NAME`,
-`--config FILE.yaml` and `--set key=value` overrides (dotted config keys, YAML values), so the
-same settings object reaches every job and is recorded in `runs`.
+`--config FILE.yaml` and `--set key=value` overrides (dotted config keys, YAML values), declared
+once below as `Annotated` aliases. A command builds one `JobContext` from them (settings, the
+database, Ray when the job runs actors, a row in `runs`), calls its job and prints the job's
+summary; `fbmem demo` runs its jobs through the same context. The choices of an option that is a
+setting are the config's own `Literal` values, so the CLI and the config accept the same words.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import typer
-import yaml
+from typer.core import TyperGroup
 
 # Before torch is imported anywhere: torch's busy-waiting OpenMP threads slow 10-30x when another
 # process holds a core (Ray actors, a second job).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fbmem.jobs.config import Config, ConfigError, load_config  # noqa: E402
+from fbmem.jobs.config import CandidatesConfig, ClusterConfig, FBMemConfig, IngestConfig  # noqa: E402
+from fbmem.jobs.runtime.context import JobContext, parse_assignments  # noqa: E402
+from fbmem.pipelines.reference_data import PROMPT_SETS, STATISTICS  # noqa: E402
+
+log = logging.getLogger("fbmem")
+
+
+def _user_error(exc: BaseException) -> bool:
+    """A mistake in what was asked (a setting, a file or a name, data that does not fit the
+    model), reported as one line rather than a traceback."""
+    kinds: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+    storage = sys.modules.get("fbmem.storage.database")  # no StorageError unless storage was used
+    if storage is not None:
+        kinds += (storage.StorageError,)
+    return isinstance(exc, kinds)
+
+
+class _Commands(TyperGroup):
+    """Every command's user errors end as `error: ...` and exit status 2 (the traceback is logged
+    at DEBUG: FBMEM_LOG=DEBUG shows it)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if not _user_error(exc):
+                raise
+            log.debug("command failed", exc_info=True)
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="fbmem: audit text-to-image diffusion models for foreground/background memorization "
     "(FB-Mem) and mitigate it (NeMo-C). Results live in LanceDB tables; query them with `fbmem sql`.",
     no_args_is_help=True,
@@ -38,371 +71,255 @@ app.add_typer(nemo_app, name="nemo")
 
 ORDINARY_PROMPTS = "mem_type IS NULL AND (planted IS NULL OR planted = 'NM')"
 
-log = logging.getLogger("fbmem")
 
-DbOpt = typer.Option(..., "--db", envvar="FBMEM_DB", help="Database: a folder or an object-store URI (s3://...).")
-PresetOpt = typer.Option(None, "--preset", help="Named settings: tiny (offline random-weight models) or sd14.")
-ConfigOpt = typer.Option(None, "--config", help="YAML config file (overrides the preset).")
-SetOpt = typer.Option(None, "--set", help="Override one setting, e.g. --set fbmem.tau=0.7 (repeatable).")
+# Choices that are settings: the config's own `Literal` types, so both accept the same words.
+Masks = IngestConfig.model_fields["masks"].annotation
+CandidateMode = CandidatesConfig.model_fields["mode"].annotation
+RegionMetric = FBMemConfig.model_fields["region_metric"].annotation
+PromptEmbedding = ClusterConfig.model_fields["embedding"].annotation
+# Choices that are not settings; tests/jobs/test_cli.py checks them against their owners
+# (pipelines.sources.SourceKind, pipelines.generator.MITIGATIONS), which load Ray and torch.
+SourceKind = Literal["auto", "folder", "manifest", "webdataset"]
+Mitigation = Literal["none", "nemo", "nemo-c"]
+Method = Literal["nemo", "nemo-c"]
+OutFormat = Literal["table", "csv", "json", "parquet"]
 
-
-class SourceKind(str, Enum):
-    auto = "auto"
-    folder = "folder"
-    manifest = "manifest"
-    webdataset = "webdataset"
-
-
-class MaskMode(str, Enum):
-    eager = "eager"
-    lazy = "lazy"
-
-
-class OutFormat(str, Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
-    parquet = "parquet"
-
-
-def _parse_sets(sets: list[str] | None) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in sets or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+# The options every job command takes, declared once.
+DbOpt = Annotated[str, typer.Option("--db", envvar="FBMEM_DB", help="Database: a folder or an object-store URI (s3://...).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Named settings: tiny (offline random-weight models) or sd14.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (overrides the preset).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting, e.g. --set fbmem.tau=0.7 (repeatable).")]
+# Options several jobs share.
+PromptsOpt = Annotated[Optional[str], typer.Option("--prompts", help="Filter on the prompts table (default: all), e.g. \"planted = 'VM'\".")]
+NOpt = Annotated[Optional[int], typer.Option("--n", help="Samples per prompt (default generation.n = 5).")]
+AlphaOpt = Annotated[Optional[float], typer.Option(help="Deactivation scale: 0 = off (default nemo.alpha), 0<a<1 dampening.")]
+ForceOpt = Annotated[bool, typer.Option(help="Redo what was already done with these settings (relabel, search again).")]
+KindOpt = Annotated[SourceKind, typer.Option(help="What SRC is (auto-detected by default).")]
+MasksOpt = Annotated[Optional[Masks], typer.Option(help="eager: segment every image now; lazy: when it becomes a candidate.")]
 
 
-def _config(preset: str | None, config: Path | None, sets: list[str] | None, extra: dict | None = None) -> Config:
-    overrides = _parse_sets(sets)
-    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return load_config(preset=preset, path=config, overrides=overrides)
-
-
-def _db(uri: str, cfg: Config):
-    from fbmem.storage.database import connect
-
-    return connect(uri, cfg.storage_options)
-
-
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _ingest_images(target: str, src: str, db: str, kind: SourceKind, masks: MaskMode | None,
-                   preset, config, sets) -> None:
-    from fbmem.jobs.runtime.ray_session import ensure_ray
-    from fbmem.jobs.runtime.run_record import RunRecord
+def _ingest_images(target: str, src: str, kind: str, job: JobContext) -> None:
     from fbmem.jobs.ingest import ingest_images
 
-    cfg = _config(preset, config, sets, {"ingest.masks": masks.value if masks else None})
-    database = _db(db, cfg)
-    ensure_ray(cfg)
-    args = {"src": src, "kind": kind.value, "masks": cfg.ingest.masks, "target": target}
-    with RunRecord(database, f"ingest-{target}", cfg, args=args) as run:
-        ingest_images(database, cfg, src, target=target, kind=kind.value, masks=cfg.ingest.masks, run=run)
+    job.ensure_ray()
+    masks = job.cfg.ingest.masks  # --masks, else the setting
+    with job.run(f"ingest-{target}", {"src": src, "kind": kind, "masks": masks, "target": target}) as run:
+        ingest_images(job.db, job.cfg, src, target=target, kind=kind, masks=masks, run=run)
 
 
 @ingest_app.command("training")
 def ingest_training(
-    src: str = typer.Argument(..., help="A folder of images, a CSV/Parquet manifest, or webdataset .tar shards."),
-    db: str = DbOpt,
-    kind: SourceKind = typer.Option(SourceKind.auto, help="What SRC is (auto-detected by default)."),
-    masks: Optional[MaskMode] = typer.Option(None, help="eager: segment every image now; lazy: when it becomes a candidate."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    src: Annotated[str, typer.Argument(help="A folder of images, a CSV/Parquet manifest, or webdataset .tar shards.")],
+    db: DbOpt, kind: KindOpt = "auto", masks: MasksOpt = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Ingest training images: validate, CLIP-embed, mask (eager) into `training_images`."""
-    _ingest_images("training", src, db, kind, masks, preset, config, set_)
+    _ingest_images("training", src, kind, JobContext.from_options(db, preset, config, set_, {"ingest.masks": masks}))
 
 
 @ingest_app.command("generations")
 def ingest_generations(
-    src: str = typer.Argument(..., help="Manifest (uri, prompt, optional seed, sample, mask_uri) or folder."),
-    db: str = DbOpt,
-    kind: SourceKind = typer.Option(SourceKind.auto),
-    masks: Optional[MaskMode] = typer.Option(MaskMode.eager, help="Generations are few: eager by default."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    src: Annotated[str, typer.Argument(help="Manifest (uri, prompt, optional seed, sample, mask_uri) or folder.")],
+    db: DbOpt, kind: KindOpt = "auto", masks: MasksOpt = "eager",
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Ingest images generated elsewhere into `generations` (embedded and masked)."""
-    _ingest_images("generations", src, db, kind, masks, preset, config, set_)
+    """Ingest images generated elsewhere into `generations` (embedded and masked; eager by default: they are few)."""
+    _ingest_images("generations", src, kind, JobContext.from_options(db, preset, config, set_, {"ingest.masks": masks}))
 
 
 @ingest_app.command("prompts")
 def ingest_prompts(
-    csv: Path = typer.Argument(..., help="Reference ';'-separated prompt set or a CSV with a 'prompt' column."),
-    db: str = DbOpt,
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    csv: Annotated[str, typer.Argument(help="A ';'-separated reference prompt set, a CSV with a 'prompt' column, "
+                                            f"or a shipped set by name: {', '.join(PROMPT_SETS)}.")],
+    db: DbOpt, preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Ingest a prompt set with CLIP text embeddings into `prompts`."""
-    from fbmem.jobs.runtime.ray_session import ensure_ray
-    from fbmem.jobs.runtime.run_record import RunRecord
     from fbmem.jobs.ingest import ingest_prompts as run_ingest
+    from fbmem.pipelines.reference_data import prompt_set_path
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
-    ensure_ray(cfg)
-    with RunRecord(database, "ingest-prompts", cfg, args={"csv": str(csv)}) as run:
-        run_ingest(database, cfg, csv, run=run)
+    path = prompt_set_path(csv)
+    job = JobContext.from_options(db, preset, config, set_)
+    job.ensure_ray()
+    with job.run("ingest-prompts", {"csv": str(path)}) as run:
+        run_ingest(job.db, job.cfg, path, run=run)
 
 
 @app.command("index")
 def index_cmd(
-    db: str = DbOpt,
-    force: bool = typer.Option(False, help="Build the ANN index even below index.exact_below_rows."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt,
+    force: Annotated[bool, typer.Option(help="Build the ANN index even below index.exact_below_rows.")] = False,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Build the vector index on training embeddings (settings: config `index`)."""
-    from fbmem.jobs.runtime.run_record import RunRecord
     from fbmem.storage.vector_index import build_index
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
-    with RunRecord(database, "index", cfg, args={"force": force}) as run:
-        info = build_index(database, cfg.index, force=force)
+    job = JobContext.from_options(db, preset, config, set_)
+    with job.run("index", {"force": force}) as run:
+        info = build_index(job.db, job.cfg.index, force=force)
         run.rows_in = info.get("rows", 0)
         run.metrics.update(info)
         typer.echo(info.get("message", ""))
 
 
-class CandidateMode(str, Enum):
-    ann = "ann"
-    exact = "exact"
-
-
-class RegionMetric(str, Enum):
-    region = "region"
-    masked_view = "masked-view"
-
-
 @app.command("label")
 def label_cmd(
-    db: str = DbOpt,
-    k: Optional[int] = typer.Option(None, "--k", help="Top-k candidates per generation (default 20)."),
-    tau: Optional[float] = typer.Option(None, "--tau", help="Threshold for full, fg and bg (default 0.8)."),
-    tau_full: Optional[float] = typer.Option(None, "--tau-full"),
-    tau_fg: Optional[float] = typer.Option(None, "--tau-fg"),
-    tau_bg: Optional[float] = typer.Option(None, "--tau-bg"),
-    beta: Optional[float] = typer.Option(None, "--beta", help="Degenerate-region fraction (default 0.03)."),
-    candidates: Optional[CandidateMode] = typer.Option(None, "--candidates", help="ann: top-k from the index; exact: all training images."),
-    metric: Optional[RegionMetric] = typer.Option(None, "--metric", help="region (default) or masked-view (the reference's)."),
-    where: Optional[str] = typer.Option(None, help="Only generations matching this filter, e.g. \"mitigation = 'none'\"."),
-    force: bool = typer.Option(False, help="Relabel generations already labelled under these settings."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt,
+    k: Annotated[Optional[int], typer.Option("--k", help="Top-k candidates per generation (default 20).")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", help="Threshold for full, fg and bg (default 0.8).")] = None,
+    tau_full: Annotated[Optional[float], typer.Option("--tau-full")] = None,
+    tau_fg: Annotated[Optional[float], typer.Option("--tau-fg")] = None,
+    tau_bg: Annotated[Optional[float], typer.Option("--tau-bg")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="Degenerate-region fraction (default 0.03).")] = None,
+    candidates: Annotated[Optional[CandidateMode], typer.Option(
+        "--candidates", help="ann: top-k from the index; exact: all training images.")] = None,
+    metric: Annotated[Optional[RegionMetric], typer.Option(
+        "--metric", help="region (default) or masked-view (the reference's).")] = None,
+    where: Annotated[Optional[str], typer.Option(help="Only generations matching this filter, e.g. \"mitigation = 'none'\".")] = None,
+    force: ForceOpt = False,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """FB-Mem labels: candidates, lazy masks, batched region MS-SSIM, pair_scores and labels."""
     from fbmem.jobs.label import format_distribution, run_label_job
-    from fbmem.jobs.runtime.ray_session import ensure_ray
-    from fbmem.jobs.runtime.run_record import RunRecord
 
-    cfg = _config(preset, config, set_, {
+    job = JobContext.from_options(db, preset, config, set_, {
         "candidates.k": k, "fbmem.tau": tau, "fbmem.tau_full": tau_full, "fbmem.tau_fg": tau_fg,
-        "fbmem.tau_bg": tau_bg, "fbmem.beta": beta, "candidates.mode": candidates.value if candidates else None,
-        "fbmem.region_metric": metric.value if metric else None,
+        "fbmem.tau_bg": tau_bg, "fbmem.beta": beta, "candidates.mode": candidates, "fbmem.region_metric": metric,
     })
-    database = _db(db, cfg)
-    ensure_ray(cfg)
-    with RunRecord(database, "label", cfg, args={"force": force, "where": where}) as run:
-        dist = run_label_job(database, cfg, run=run, force=force, where=where)
+    job.ensure_ray()
+    with job.run("label", {"force": force, "where": where}) as run:
+        dist = run_label_job(job.db, job.cfg, run=run, force=force, where=where)
         typer.echo(f"labels (most-severe): {format_distribution(dist)}")
-
-
-class PromptEmbedding(str, Enum):
-    text_encoder = "text_encoder"
-    open_clip = "open_clip"
 
 
 @app.command("cluster")
 def cluster_cmd(
-    db: str = DbOpt,
-    k: Optional[int] = typer.Option(None, "--k", help="Number of clusters (default 12)."),
-    embedding: Optional[PromptEmbedding] = typer.Option(None, help="text_encoder (the model's, default) or open_clip."),
-    where: Optional[str] = typer.Option(None, help="Only prompts matching this filter, e.g. \"mem_type IS NOT NULL\"."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt,
+    k: Annotated[Optional[int], typer.Option("--k", help="Number of clusters (default 12).")] = None,
+    embedding: Annotated[Optional[PromptEmbedding], typer.Option(
+        help="text_encoder (the model's, default) or open_clip.")] = None,
+    where: Annotated[Optional[str], typer.Option(help="Only prompts matching this filter, e.g. \"mem_type IS NOT NULL\".")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """KMeans clusters of prompts (SPEC 5); cluster_id on each prompt, silhouette in `runs`."""
     from fbmem.jobs.cluster import run_cluster
-    from fbmem.jobs.runtime.run_record import RunRecord
 
-    cfg = _config(preset, config, set_, {"cluster.k": k, "cluster.embedding": embedding.value if embedding else None})
-    database = _db(db, cfg)
-    with RunRecord(database, "cluster", cfg, args={"where": where}) as run:
-        out = run_cluster(database, cfg, run=run, where=where)
+    job = JobContext.from_options(db, preset, config, set_, {"cluster.k": k, "cluster.embedding": embedding})
+    with job.run("cluster", {"where": where}) as run:
+        out = run_cluster(job.db, job.cfg, run=run, where=where)
         typer.echo(f"silhouette={out['silhouette']:.4f} cluster sizes={out['sizes']}")
-
-
-class Mitigation(str, Enum):
-    none = "none"
-    nemo = "nemo"
-    nemo_c = "nemo-c"
 
 
 @app.command("generate")
 def generate_cmd(
-    db: str = DbOpt,
-    n: Optional[int] = typer.Option(None, "--n", help="Samples per prompt (default generation.n = 5)."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Filter on the prompts table, e.g. \"planted = 'VM'\"."),
-    mitigation: Mitigation = typer.Option(Mitigation.none, help="none, or regenerate with NeMo / NeMo-C neurons off."),
-    alpha: Optional[float] = typer.Option(None, help="Deactivation scale (0 = off, 0<a<1 dampening; default nemo.alpha)."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt, n: NOpt = None, prompts: PromptsOpt = None,
+    mitigation: Annotated[Mitigation, typer.Option(help="none, or regenerate with NeMo / NeMo-C neurons off.")] = "none",
+    alpha: AlphaOpt = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Generate N seeded samples per prompt (DDIM) with embeddings and masks into `generations`."""
     from fbmem.jobs.generate import run_generate
-    from fbmem.jobs.runtime.ray_session import ensure_ray
-    from fbmem.jobs.runtime.run_record import RunRecord
+    from fbmem.jobs.mitigate import neurons_for_method
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
-    ensure_ray(cfg)
-    neurons = None
-    if mitigation is not Mitigation.none:
-        from fbmem.jobs.mitigate import neurons_for_method
-
-        neurons = neurons_for_method(database, cfg, mitigation.value)
-    with RunRecord(database, "generate", cfg, args={"n": n, "prompts": prompts, "mitigation": mitigation.value}) as run:
-        run_generate(database, cfg, run=run, n=n, prompt_filter=prompts, mitigation=mitigation.value,
-                     alpha=alpha if mitigation is not Mitigation.none else None, neurons_by_prompt=neurons)
-
-
-class Method(str, Enum):
-    nemo = "nemo"
-    nemo_c = "nemo-c"
+    job = JobContext.from_options(db, preset, config, set_)
+    job.ensure_ray()
+    mitigated = mitigation != "none"
+    neurons = neurons_for_method(job.db, job.cfg, mitigation) if mitigated else None
+    with job.run("generate", {"n": n, "prompts": prompts, "mitigation": mitigation}) as run:
+        run_generate(job.db, job.cfg, run=run, n=n, prompt_filter=prompts, mitigation=mitigation,
+                     alpha=alpha if mitigated else None, neurons_by_prompt=neurons)
 
 
 @app.command("mitigate")
 def mitigate_cmd(
-    db: str = DbOpt,
-    method: Method = typer.Option(Method.nemo_c, help="nemo: each prompt's own neurons; nemo-c: the cluster's union."),
-    alpha: Optional[float] = typer.Option(None, help="0 = off (default), 0<a<1 dampening."),
-    n: Optional[int] = typer.Option(None, "--n", help="Samples per prompt (default generation.n)."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Extra filter on the prompts table."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt,
+    method: Annotated[Method, typer.Option(help="nemo: each prompt's own neurons; nemo-c: the cluster's union.")] = "nemo-c",
+    alpha: AlphaOpt = None, n: NOpt = None, prompts: PromptsOpt = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """NeMo / NeMo-C: regenerate with neurons off (same seeds), relabel, print the mitigation score."""
     from fbmem.jobs.mitigate import run_mitigate
-    from fbmem.jobs.runtime.ray_session import ensure_ray
-    from fbmem.jobs.runtime.run_record import RunRecord
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
-    ensure_ray(cfg)
-    with RunRecord(database, "mitigate", cfg, args={"method": method.value, "alpha": alpha}) as run:
-        out = run_mitigate(database, cfg, method=method.value, run=run, alpha=alpha, n=n, prompt_filter=prompts)
-        typer.echo(f"{method.value}: mitigation score={out['score']:.4f} over {out['pairs']} pairs; "
+    job = JobContext.from_options(db, preset, config, set_)
+    job.ensure_ray()
+    with job.run("mitigate", {"method": method, "alpha": alpha}) as run:
+        out = run_mitigate(job.db, job.cfg, method=method, run=run, alpha=alpha, n=n, prompt_filter=prompts)
+        typer.echo(f"{method}: mitigation score={out['score']:.4f} over {out['pairs']} pairs; "
                    f"VM before={out['vm_before']} after={out['vm_after']}")
 
 
 @app.command("report")
 def report_cmd(
-    db: str = DbOpt,
-    out: Path = typer.Option(Path("fbmem-report"), help="Folder for index.html and its images."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt,
+    out: Annotated[Path, typer.Option(help="Folder for index.html and its images.")] = Path("fbmem-report"),
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """A static HTML report (opens offline): runs, labels, one-to-many, mitigation, NeMo, gallery."""
     from fbmem.jobs.report import write_report
 
-    cfg = _config(preset, config, set_)
-    index = write_report(_db(db, cfg), out, nemo_threshold=cfg.nemo.threshold)
-    typer.echo(f"report: {index}")
-
-
-def _load_pipe(cfg: Config):
-    from fbmem.pipelines.diffusion_models import load_audited_pipeline
-
-    return load_audited_pipeline(cfg)
+    job = JobContext.from_options(db, preset, config, set_)
+    typer.echo(f"report: {write_report(job.db, out, nemo_threshold=job.cfg.nemo.threshold)}")
 
 
 @nemo_app.command("stats")
 def nemo_stats_cmd(
-    db: str = DbOpt,
-    prompts: str = typer.Option(ORDINARY_PROMPTS, "--prompts", help="Filter on the prompts table: the ordinary prompts."),
-    from_csv: Optional[Path] = typer.Option(None, help="Import statistics in the SD 1.4 reference CSV format instead."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt,
+    prompts: Annotated[str, typer.Option("--prompts", help="Filter on the prompts table: the ordinary prompts.")] = ORDINARY_PROMPTS,
+    from_csv: Annotated[Optional[str], typer.Option(
+        help="Import statistics in the SD 1.4 reference format instead: a file, or the shipped "
+             f"{', '.join(STATISTICS)} by name.")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Per-neuron mean/std of |to_v| activations over ordinary prompts (or import the SD 1.4 file)."""
     from fbmem.jobs.nemo import import_stats_csv, prompt_set_source, run_stats
-    from fbmem.jobs.runtime.run_record import RunRecord
+    from fbmem.pipelines.reference_data import statistics_path
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
-    pipe = _load_pipe(cfg)
-    with RunRecord(database, "nemo-stats", cfg, args={"prompts": prompts, "from_csv": str(from_csv) if from_csv else None}) as run:
-        if from_csv is not None:
-            import_stats_csv(database, from_csv, cfg.models.diffusion.model_id, run, unet=pipe.unet)
-        else:
-            texts = database.read("prompts", ["text"], where=prompts).column(0).to_pylist()
-            if len(texts) < 2:
-                raise ConfigError(f"need at least 2 prompts matching {prompts!r} for statistics, found {len(texts)}")
-            run_stats(database, cfg, pipe, texts, source=prompt_set_source(texts), run=run)
+    csv = statistics_path(from_csv) if from_csv is not None else None
+    job = JobContext.from_options(db, preset, config, set_)
+    pipe = job.pipeline()
+    with job.run("nemo-stats", {"prompts": prompts, "from_csv": str(csv) if csv else None}) as run:
+        if csv is not None:
+            import_stats_csv(job.db, csv, job.cfg.models.diffusion.model_id, run, unet=pipe.unet)
+            return
+        texts = job.db.read("prompts", ["text"], where=prompts).column(0).to_pylist()
+        if len(texts) < 2:
+            raise ValueError(f"need at least 2 prompts matching {prompts!r} for statistics, found {len(texts)}")
+        run_stats(job.db, job.cfg, pipe, texts, source=prompt_set_source(texts), run=run)
 
 
 @nemo_app.command("detect")
 def nemo_detect_cmd(
-    db: str = DbOpt,
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Filter on the prompts table (default: all)."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt, prompts: PromptsOpt = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Memorization detection from noise differences (SPEC 6); scores in `nemo_prompts`."""
     from fbmem.jobs.nemo import run_detect
-    from fbmem.jobs.runtime.run_record import RunRecord
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
-    pipe = _load_pipe(cfg)
-    rows = database.read("prompts", ["prompt_id", "text"], where=prompts)
-    with RunRecord(database, "nemo-detect", cfg, args={"prompts": prompts}) as run:
-        memorized = run_detect(database, cfg, pipe, rows, run)
+    job = JobContext.from_options(db, preset, config, set_)
+    pipe = job.pipeline()
+    rows = job.db.read("prompts", ["prompt_id", "text"], where=prompts)
+    with job.run("nemo-detect", {"prompts": prompts}) as run:
+        memorized = run_detect(job.db, job.cfg, pipe, rows, run)
         typer.echo(f"memorized: {memorized} of {rows.num_rows} prompts")
 
 
 @nemo_app.command("localize")
 def nemo_localize_cmd(
-    db: str = DbOpt,
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Filter on the prompts table (default: all)."),
-    sequential: bool = typer.Option(False, help="The reference's one-candidate-per-UNet-call search (same sets, slower on GPU)."),
-    all_prompts: bool = typer.Option(False, "--all", help="Localize every prompt, not only those detected as memorized."),
-    stats_source: Optional[str] = typer.Option(None, help="Which stored statistics to use when several exist."),
-    force: bool = typer.Option(False, help="Search again for prompts already localized with these settings."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    db: DbOpt, prompts: PromptsOpt = None,
+    sequential: Annotated[bool, typer.Option(help="The reference's one-candidate-per-UNet-call search (same sets, slower on GPU).")] = False,
+    all_prompts: Annotated[bool, typer.Option("--all", help="Localize every prompt, not only those detected as memorized.")] = False,
+    stats_source: Annotated[Optional[str], typer.Option(help="Which stored statistics to use when several exist.")] = None,
+    force: ForceOpt = False,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Neuron localization: initial selection and refinement (SPEC 6); sets in `neurons`."""
     from fbmem.jobs.nemo import read_stats, run_localize
-    from fbmem.jobs.runtime.run_record import RunRecord
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
-    pipe = _load_pipe(cfg)
-    stats = read_stats(database, cfg.models.diffusion.model_id, stats_source)
-    rows = database.read("prompts", ["prompt_id", "text"], where=prompts)
-    with RunRecord(database, "nemo-localize", cfg, args={"prompts": prompts, "sequential": sequential,
-                                                         "force": force}) as run:
-        out = run_localize(database, cfg, pipe, rows, stats, run, batched=not sequential,
+    job = JobContext.from_options(db, preset, config, set_)
+    pipe = job.pipeline()
+    stats = read_stats(job.db, job.cfg.models.diffusion.model_id, stats_source)
+    rows = job.db.read("prompts", ["prompt_id", "text"], where=prompts)
+    with job.run("nemo-localize", {"prompts": prompts, "sequential": sequential, "force": force}) as run:
+        out = run_localize(job.db, job.cfg, pipe, rows, stats, run, batched=not sequential,
                            only_memorized=not all_prompts, force=force)
         reached = sum(bool(r.get("criterion_reached")) for r in out)
         typer.echo(f"localized {len(out)} prompts; NeMo criterion reached for {reached}")
@@ -410,13 +327,18 @@ def nemo_localize_cmd(
 
 @toy_app.command("train")
 def toy_train_cmd(
-    out: Path = typer.Option(Path("fbmem-demo"), help="Demo folder: the corpus goes to OUT/world, the model to OUT/model."),
-    check: bool = typer.Option(True, help="Generate for every prompt and print how much it memorized."),
+    out: Annotated[Path, typer.Option(help="Demo folder: the corpus goes to OUT/world, the model to OUT/model.")] = Path("fbmem-demo"),
+    check: Annotated[bool, typer.Option(help="Generate for every prompt and print how much it memorized.")] = True,
 ) -> None:
     """Train (or reuse) the toy latent diffusion model on the toy corpus, on the CPU."""
-    from fbmem.jobs.toy.demo import build_world
     from fbmem.jobs.toy.corpus import ToyCorpusSpec
-    from fbmem.jobs.toy.train import ToyTrainSpec, ensure_toy_model, format_memorization, memorization_check
+    from fbmem.jobs.toy.demo import build_world
+    from fbmem.jobs.toy.train import (
+        ToyTrainSpec,
+        ensure_toy_model,
+        format_memorization,
+        memorization_check,
+    )
 
     _, corpus = build_world(out, ToyCorpusSpec())
     model_dir = ensure_toy_model(out / "model", corpus, ToyTrainSpec())
@@ -432,17 +354,11 @@ def toy_train_cmd(
 
 
 @app.command("tables")
-def tables_cmd(
-    db: str = DbOpt,
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-) -> None:
+def tables_cmd(db: DbOpt, preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Row counts of every table."""
     from fbmem.storage.schema import TABLES
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
+    database = JobContext.from_options(db, preset, config, set_).db
     width = max(len(t) for t in TABLES)
     for name in TABLES:
         n = database.count(name) if database.has_table(name) else None
@@ -451,53 +367,36 @@ def tables_cmd(
 
 @app.command("sql")
 def sql_cmd(
-    query: str = typer.Argument(..., help="A SQL string, a .sql file, or a named query (e.g. one_to_many)."),
-    db: str = DbOpt,
-    fmt: OutFormat = typer.Option(OutFormat.table, "--format", help="Output format."),
-    out: Optional[Path] = typer.Option(None, help="Write the result to this file (required for parquet)."),
-    param: Optional[list[str]] = typer.Option(None, "--param", help="Query parameter k=v, used as $k (repeatable)."),
-    preset: Optional[str] = PresetOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    query: Annotated[str, typer.Argument(help="A SQL string, a .sql file, or a named query (e.g. one_to_many).")],
+    db: DbOpt,
+    fmt: Annotated[OutFormat, typer.Option("--format", help="Output format.")] = "table",
+    out: Annotated[Optional[Path], typer.Option(help="Write the result to this file (required for parquet).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="Query parameter k=v, used as $k (repeatable).")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Run SQL over the tables (DuckDB; every table is a view)."""
+    """Run SQL over the tables (DuckDB; every table is a view). Named queries: the sql/ folder."""
     from fbmem.jobs.sql_output import render
     from fbmem.storage.sql import load_query, query_params, run_query
 
-    cfg = _config(preset, config, set_)
-    database = _db(db, cfg)
+    job = JobContext.from_options(db, preset, config, set_)
     text = load_query(query)
-    params = query_params(text, _parse_params(param))
-    result = run_query(database, text, params)
-    if result is None:
-        return
-    rendered = render(result, fmt.value, out)
+    result = run_query(job.db, text, query_params(text, parse_assignments(param, "--param")))
+    rendered = None if result is None else render(result, fmt, out)
     if rendered is not None:
         typer.echo(rendered)
 
 
-def _parse_params(items: list[str] | None) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--param expects k=v, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
 @app.command("demo")
 def demo_cmd(
-    out: Path = typer.Option(Path("fbmem-demo"), help="Demo folder (database, images)."),
-    preset: str = typer.Option("tiny", "--preset"),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
+    out: Annotated[Path, typer.Option(help="Demo folder (database, images).")] = Path("fbmem-demo"),
+    preset: PresetOpt = "tiny", config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """The embedded default: build a small world offline and run the jobs on it with local Ray."""
     from fbmem.jobs.toy.demo import run_demo
 
-    cfg = _config(preset, config, set_)
-    run_demo(cfg, out, overrides=_parse_sets(set_))  # --set wins over the demo's own settings
+    # the base settings; the demo lays its own (jobs/presets/demo.yaml) over them, then --set
+    base = JobContext.from_options(str(out / "db"), preset, config, set_).cfg
+    run_demo(base, out, overrides=parse_assignments(set_))
 
 
 def main() -> None:
@@ -506,13 +405,7 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from fbmem.storage.database import StorageError
-
-    try:
-        app()
-    except (ConfigError, StorageError, FileNotFoundError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

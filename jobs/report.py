@@ -4,7 +4,7 @@ Why static files: the report is what people mail around or open on a cluster's s
 without network; so every chart and image is a PNG beside `index.html`, referenced by a relative
 path, the CSS is inline and the only script is a few lines that count loaded images (a headless
 browser can then check the page with `--dump-dom`). All numbers come from DuckDB SQL over the
-tables, mostly the named queries in the repository's `sql/` folder, so the page and `fbmem sql`
+tables, every one a named query of the repository's `sql/` folder, so the page and `fbmem sql NAME`
 never disagree. Each section is built on its own: an empty table gives a "no data yet" note and
 a failing section shows its error without taking the rest of the report down.
 """
@@ -23,21 +23,22 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from fbmem.jobs.candidates import sql_list
-from fbmem.storage.sql import named_sql_dir
-from fbmem.jobs.core.mitigation_score import LABELS as MATRIX_LABELS
+from fbmem.jobs.core.label_rule import LABELS
 from fbmem.storage.database import Database
+from fbmem.storage.keys import sql_list
 from fbmem.storage.schema import TABLES
-from fbmem.storage.sql import load_query, query_params, run_query
+from fbmem.storage.sql import named_sql_dir, run_named_query
 
 log = logging.getLogger(__name__)
 
-SEVERITY = ("VM", "FM", "BM", "NM")  # most severe first (SPEC section 2)
 LABEL_COLOURS = {"VM": "#c0392b", "FM": "#e67e22", "BM": "#2e86c1", "NM": "#95a5a6"}
 THUMB = 192  # gallery panel side in pixels
 MAX_PIXELS = 100_000_000  # refuse decompression bombs in the gallery
 GENERATED_PREFIXES = ("chart-", "gallery-")  # files this module owns inside out/img
-REQUIRED_QUERIES = ("errors_summary", "label_distribution", "labels_by_prompt", "one_to_many", "mitigation_score")
+REQUIRED_QUERIES = (  # sql/NAME.sql, one per table or chart of the page
+    "recent_runs", "errors_summary", "label_distribution", "label_shares_by_group", "one_to_many",
+    "mitigation_score", "nemo_by_prompt", "nemo_by_group", "neuron_sets_by_layer", "strongest_cases",
+)
 
 # ------------------------------------------------------------------------------ SQL
 
@@ -56,71 +57,10 @@ def sql_dir(path: Path | None = None) -> Path:
 
 
 def named_query(db: Database, folder: Path, name: str, **params: object) -> list[dict]:
-    """Rows of `sql/<name>.sql` with its `-- param` defaults, overridden by `params`."""
-    text = load_query(str(folder / f"{name}.sql"))
-    return _rows(run_query(db, text, query_params(text, params)))
-
-
-def inline_query(db: Database, sql: str, **params: object) -> list[dict]:
-    return _rows(run_query(db, sql, params or None))
-
-
-def _rows(table) -> list[dict]:
+    """Rows of `folder/<name>.sql` with its `-- param` defaults, overridden by `params`."""
+    table = run_named_query(db, name, params, folder=folder)
     return [] if table is None else table.to_pylist()
 
-
-# The strongest cases per label class: one row per generation (its current label and the training
-# image that label points to), ranked like sql/top_matches.sql ranks pairs.
-GALLERY_SQL = """
-SELECT
-    l.generation_id, l.best_image_id, l.label, l.reason, l.region_metric,
-    l."full" AS "full", l.fg, l.bg,
-    greatest(l."full", 0.5 * l.fg + 0.5 * l.bg) AS strength,
-    g.prompt, g.mitigation, g.seed, g.sample
-FROM current_labels AS l
-JOIN generations AS g USING (generation_id)
-WHERE l.rule = $rule AND l.best_image_id IS NOT NULL
-QUALIFY row_number() OVER (PARTITION BY l.label ORDER BY strength DESC NULLS LAST, l.generation_id) <= $per_label
-ORDER BY CASE l.label WHEN 'VM' THEN 0 WHEN 'FM' THEN 1 WHEN 'BM' THEN 2 ELSE 3 END, strength DESC NULLS LAST
-"""
-
-RUNS_SQL = """
-SELECT job, status, rows_in, rows_out, errors, round(seconds, 2) AS seconds,
-       strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started_at, run_id, message
-FROM runs
-ORDER BY runs.started_at DESC NULLS LAST
-LIMIT $limit
-"""
-
-NEMO_SQL = """
-SELECT n.prompt_id, coalesce(p.text, n.prompt_id) AS prompt, p.planted, n.model_id,
-       n.detect_score, n.detect_mean, n.n_retained, n.memorized, n.criterion_reached,
-       n.n_initial, n.n_refined, n.initial_score, n.refined_score, n.theta, n.k, n.unet_calls, n.message
-FROM nemo_prompts AS n
-LEFT JOIN prompts AS p USING (prompt_id)
-ORDER BY n.detect_score DESC NULLS LAST, prompt
-"""
-
-NEMO_BY_GROUP_SQL = """
-SELECT coalesce(p.planted, '(unknown)') AS planted,
-       count(*) AS prompts,
-       round(avg(n.detect_score), 4) AS mean_detect_score,
-       count(*) FILTER (WHERE n.memorized) AS memorized,
-       count(*) FILTER (WHERE n.criterion_reached) AS criterion_reached,
-       round(avg(n.n_refined), 1) AS mean_refined_neurons
-FROM nemo_prompts AS n
-LEFT JOIN prompts AS p USING (prompt_id)
-GROUP BY 1
-ORDER BY 1
-"""
-
-NEURONS_SQL = """
-SELECT scope, kind, layer_idx, any_value(module) AS module, count(*) AS sets,
-       sum(len(neurons)) AS neurons, round(avg(len(neurons)), 1) AS mean_per_set
-FROM neurons
-GROUP BY scope, kind, layer_idx
-ORDER BY scope, kind, layer_idx
-"""
 
 # ------------------------------------------------------------------------------ HTML helpers
 
@@ -223,8 +163,8 @@ def label_distribution_chart(rows: Sequence[dict]) -> Figure:
     ax = fig.add_subplot()
     y = np.arange(len(methods))
     left = np.zeros(len(methods))
-    totals = np.array([sum(counts.get((m, lab), 0) for lab in SEVERITY) for m in methods], float)
-    for lab in SEVERITY:
+    totals = np.array([sum(counts.get((m, lab), 0) for lab in LABELS) for m in methods], float)
+    for lab in LABELS:
         n = np.array([counts.get((m, lab), 0) for m in methods], float)
         share = np.divide(n, totals, out=np.zeros_like(n), where=totals > 0)
         ax.barh(y, share, left=left, color=LABEL_COLOURS[lab], label=lab)
@@ -247,8 +187,8 @@ def one_to_many_chart(rows: Sequence[dict]) -> Figure:
     ax = fig.add_subplot()
     y = np.arange(len(rows))
     left = np.zeros(len(rows))
-    for lab, col in (("VM", "distinct_vm_images"), ("FM", "distinct_fm_images"), ("BM", "distinct_bm_images")):
-        n = np.array([r[col] or 0 for r in rows], float)
+    for lab in LABELS[:-1]:  # the memorized classes (NM is last)
+        n = np.array([r[f"distinct_{lab.lower()}_images"] or 0 for r in rows], float)
         ax.barh(y, n, left=left, color=LABEL_COLOURS[lab], label=lab)
         left += n
     labels = [mpl_text(short(r["prompt"] or r["prompt_id"], 45)) for r in rows]
@@ -262,17 +202,17 @@ def one_to_many_chart(rows: Sequence[dict]) -> Figure:
 
 
 def transition_heatmap(row: dict) -> Figure:
-    """Before (rows) x after (columns) counts in the SPEC section 8 order VM/BM/FM/NM."""
-    counts = np.array([[row[f"{b.lower()}_to_{a.lower()}"] or 0 for a in MATRIX_LABELS] for b in MATRIX_LABELS], float)
+    """Before (rows) x after (columns) counts, labels most severe first (label_rule.LABELS)."""
+    counts = np.array([[row[f"{b.lower()}_to_{a.lower()}"] or 0 for a in LABELS] for b in LABELS], float)
     fig = Figure(figsize=(4.2, 3.8))
     ax = fig.add_subplot()
     im = ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1.0, counts.max()))
-    for i in range(4):
-        for j in range(4):
+    for i in range(len(LABELS)):
+        for j in range(len(LABELS)):
             dark = counts[i, j] > 0.6 * max(1.0, counts.max())
             ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", color="white" if dark else "black")
-    ax.set_xticks(range(4), MATRIX_LABELS)
-    ax.set_yticks(range(4), MATRIX_LABELS)
+    ax.set_xticks(range(len(LABELS)), LABELS)
+    ax.set_yticks(range(len(LABELS)), LABELS)
     ax.set_xlabel("after")
     ax.set_ylabel("before")
     score = row.get("mitigation_score")
@@ -381,7 +321,7 @@ class Context:
 
 def section_runs(ctx: Context) -> str:
     counts = [{"table": t, "rows": ctx.db.count(t)} for t in TABLES]
-    runs = inline_query(ctx.db, RUNS_SQL, limit=50)
+    runs = named_query(ctx.db, ctx.sql, "recent_runs", limit=50)
     n_runs = ctx.db.count("runs")
     errors = named_query(ctx.db, ctx.sql, "errors_summary")
     return (
@@ -396,36 +336,13 @@ def section_labels(ctx: Context) -> str:
     if not dist:
         return NO_DATA
     dist.sort(key=lambda r: (r["mitigation"] != "none", str(r["mitigation"])))  # stable: label order kept
-    parts = [img_html(ctx.assets.figure(label_distribution_chart(dist), "chart-labels.png"),
-                      "label distribution per mitigation"),
-             table_html(dist)]
-    groups = planted_shares(ctx, sorted({r["mitigation"] for r in dist}, key=lambda m: (m != "none", str(m))))
-    parts.append("<h3>Per planted group</h3>")
-    parts.append(table_html(groups) if groups else '<p class="empty">no planted groups (the prompts carry no `planted` column values)</p>')
-    return "".join(parts)
-
-
-def planted_shares(ctx: Context, mitigations: Sequence[str]) -> list[dict]:
-    """Share of generations per label per planted group, from sql/labels_by_prompt.sql."""
-    out = []
-    for m in mitigations:
-        if m is None:
-            continue
-        per_prompt = named_query(ctx.db, ctx.sql, "labels_by_prompt", rule=ctx.rule, mitigation=m)
-        groups: dict[str, dict[str, int]] = {}
-        for r in per_prompt:
-            if r["planted"] is None:
-                continue
-            g = groups.setdefault(r["planted"], {"prompts": 0, "generations": 0, "vm": 0, "fm": 0, "bm": 0, "nm": 0})
-            g["prompts"] += 1
-            for k in ("generations", "vm", "fm", "bm", "nm"):
-                g[k] += int(r[k] or 0)
-        for name in sorted(groups, key=lambda s: (SEVERITY.index(s) if s in SEVERITY else 9, s)):
-            g = groups[name]
-            n = g["generations"] or 1
-            out.append({"mitigation": m, "planted": name, "prompts": g["prompts"], "generations": g["generations"],
-                        **{f"share_{lab}": round(g[lab.lower()] / n, 4) for lab in SEVERITY}})
-    return out
+    groups = named_query(ctx.db, ctx.sql, "label_shares_by_group", rule=ctx.rule)
+    return "".join([
+        img_html(ctx.assets.figure(label_distribution_chart(dist), "chart-labels.png"), "label distribution per mitigation"),
+        table_html(dist),
+        "<h3>Per planted group</h3>",
+        table_html(groups) if groups else '<p class="empty">no planted groups (the prompts carry no `planted` column values)</p>',
+    ])
 
 
 def section_one_to_many(ctx: Context) -> str:
@@ -451,7 +368,7 @@ def section_mitigation(ctx: Context) -> str:
         rel = ctx.assets.figure(transition_heatmap(r), f"chart-mitigation-{i:02d}.png")
         charts.append(img_html(rel, f"label transitions for {r['method']}", cls="chart small"))
     cols = ["method", "pairs", "mitigation_score", "vm_before", "vm_after"]
-    out = ('<p class="note">rows: label before mitigation, columns: after (SPEC section 8 order); '
+    out = ('<p class="note">rows: label before mitigation, columns: after (most severe first); '
            "the score is the mean transition weight (positive = less memorization).</p>"
            + '<div class="row">' + "".join(charts) + "</div>" + table_html(overall, cols))
     if per_cluster:
@@ -471,7 +388,7 @@ def split_mitigation_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]
 
 
 def section_nemo(ctx: Context) -> str:
-    rows = inline_query(ctx.db, NEMO_SQL)
+    rows = named_query(ctx.db, ctx.sql, "nemo_by_prompt")
     if not rows:
         return NO_DATA
     n = len(rows)
@@ -482,17 +399,17 @@ def section_nemo(ctx: Context) -> str:
     chart = img_html(ctx.assets.figure(nemo_chart(rows, ctx.nemo_threshold), "chart-nemo.png"), "NeMo detection scores")
     out = summary + chart
     if any(r["planted"] is not None for r in rows):
-        out += "<h3>Per planted group</h3>" + table_html(inline_query(ctx.db, NEMO_BY_GROUP_SQL))
+        out += "<h3>Per planted group</h3>" + table_html(named_query(ctx.db, ctx.sql, "nemo_by_group"))
     cols = ["prompt", "planted", "detect_score", "n_retained", "memorized", "criterion_reached", "n_initial",
             "n_refined", "initial_score", "refined_score", "unet_calls", "message"]
     out += "<h3>Per prompt</h3>" + table_html(rows, cols, limit=ctx.max_prompts)
-    neurons = inline_query(ctx.db, NEURONS_SQL)
+    neurons = named_query(ctx.db, ctx.sql, "neuron_sets_by_layer")
     out += "<h3>Neuron sets per layer</h3>" + (table_html(neurons) if neurons else NO_DATA)
     return out
 
 
 def section_gallery(ctx: Context) -> str:
-    cases = inline_query(ctx.db, GALLERY_SQL, rule=ctx.rule, per_label=ctx.gallery_per_label)
+    cases = named_query(ctx.db, ctx.sql, "strongest_cases", rule=ctx.rule, per_label=ctx.gallery_per_label)
     if not cases:
         return NO_DATA
     cols = ["image_bytes", "source_uri", "mask_png"]

@@ -14,8 +14,6 @@ import duckdb
 from fbmem.storage.database import Database
 from fbmem.storage.schema import TABLES
 
-
-
 # Derived views every query may use. `labels` keeps every labelling run (older settings stay in the
 # table); most questions are about the latest label of each generation under each rule.
 DERIVED_VIEWS = {
@@ -66,6 +64,14 @@ def load_query(text_or_path: str) -> str:
         names = sorted(q.stem for q in named_sql_dir().glob("*.sql"))
         raise FileNotFoundError(f"no named query {stripped!r}; named queries: {', '.join(names)}")
     return text_or_path
+
+
+def run_named_query(db: Database, name: str, params: dict[str, object] | None = None, *,
+                    folder: Path | None = None):
+    """The named query `name` (`sql/NAME.sql`, or `folder/NAME.sql`) with its `-- param` defaults,
+    overridden by `params`: what `fbmem sql NAME --param k=v` runs, as a pyarrow Table."""
+    text = load_query(str(Path(folder) / f"{name}.sql") if folder is not None else name)
+    return run_query(db, text, query_params(text, params or {}))
 
 
 def run_query(db: Database, sql: str, params: dict[str, object] | None = None):

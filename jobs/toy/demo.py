@@ -5,10 +5,13 @@ is real and known.
    (jobs/toy/corpus.py), written as a folder source with exact masks;
 2. a tiny latent diffusion model trained on it here (jobs/toy/train.py), cached in the demo folder
    and reused while corpus and settings match;
-3. the jobs, with local Ray and a LanceDB folder: ingest (CLIP embeddings; the corpus's exact masks
-   as given), prompts, clustering of the memorized prompts, generation of N seeded samples per
-   prompt, FB-Mem labels, NeMo statistics / detection / localization, NeMo and NeMo-C mitigation
+3. the jobs, each through the CLI's job context (jobs/runtime/context.py: settings, database,
+   Ray, a `runs` row), with local Ray and a LanceDB folder: ingest (CLIP embeddings; the corpus's
+   exact masks as given), prompts, clustering of the memorized prompts, generation of N seeded
+   samples per prompt, FB-Mem labels, NeMo statistics / detection / localization, NeMo and NeMo-C mitigation
    with regeneration and relabelling, the mitigation scores, and the HTML report.
+Settings: the base preset (tiny) with the demo's layer `jobs/presets/demo.yaml` over it.
+The tables it prints are named queries of `sql/`, runnable with `fbmem sql NAME --db OUT/db`.
 Models: the trained toy diffusion model (its own text encoder is frozen and random, as SD's is
 frozen), a random-weight tiny CLIP for candidates (top-20 by cosine plus the prompt's linked image;
 on this corpus it gave the same labels as comparing with every training image, 10x faster) and the
@@ -22,20 +25,25 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fbmem.jobs.config import Config, set_dotted
-from fbmem.jobs.runtime.ray_session import ensure_ray
-from fbmem.jobs.runtime.run_record import RunRecord
+from fbmem.jobs.config import Config, preset_dict, set_dotted
+from fbmem.jobs.core.label_rule import LABELS, NM, VM
+from fbmem.jobs.runtime.context import JobContext
 from fbmem.jobs.sql_output import format_table
 from fbmem.jobs.toy.corpus import ToyCorpusSpec, build_corpus, write_corpus
-from fbmem.storage.database import Database, connect
-from fbmem.storage.sql import load_query, query_params, run_query
+from fbmem.storage.database import Database
+from fbmem.storage.keys import sql_list, sql_literal
+from fbmem.storage.sql import run_named_query
 
 log = logging.getLogger(__name__)
 
-MEMORIZED = "planted IN ('VM', 'FM', 'BM')"
+DEMO_PRESET = "demo"  # jobs/presets/demo.yaml: the demo's settings, a layer over its base preset
+MEMORIZED = f"planted IN ({sql_list(label for label in LABELS if label != NM)})"
+ORDINARY = f"planted = {sql_literal(NM)}"
+UNMITIGATED = f"mitigation = {sql_literal('none')}"
 
 
 def build_world(out: Path, spec: ToyCorpusSpec):
@@ -49,28 +57,24 @@ def build_world(out: Path, spec: ToyCorpusSpec):
     return world, corpus
 
 
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings mapping as dotted keys of its leaves (`{"a": {"b": 1}}` -> `{"a.b": 1}`)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def demo_config(base: Config, model_dir: Path, overrides: dict[str, object] | None = None) -> Config:
-    """The demo's settings on top of the given (tiny) preset, then the caller's dotted overrides
+    """The demo's settings: `base` (the tiny preset, the caller's --config), then the demo's layer
+    (jobs/presets/demo.yaml), the model trained here, then the caller's dotted overrides
     (`fbmem demo --set generation.n=2` must win over the demo's own choice)."""
     data = base.model_dump()
-    data["models"]["diffusion"] = {"model": str(model_dir), "tiny": False, "seed": 0, "revision": None}
-    data["models"]["segmenter"]["backend"] = "colour"
-    data["candidates"].update(mode="ann", k=20)
-    # scoring is the demo's heaviest stage: one single-threaded actor per core
-    data["resources"]["score"].update(num_cpus=1.0, pool_size=2)
-    # Generation: one single-thread actor per core (2 threads in one actor were no faster at this
-    # size), one prompt's samples per UNet batch and more (0.34 s/image at 20 vs 0.44 at 4). The
-    # colour segmenter and the CLIP embedder behind it are light: a fifth of a CPU each, so all
-    # four actors start at once on 2 cores (at 1 CPU each the later stages waited for the CPUs).
-    data["resources"]["generate"].update(num_cpus=0.8, pool_size=2, batch_size=20)
-    data["resources"]["segment"].update(num_cpus=0.2)
-    data["resources"]["embed"].update(num_cpus=0.2)
-    data["fbmem"]["image_size"] = 192
-    data["fbmem"]["edge_band"] = 6  # 2 px of the 64 px samples (see FBMemConfig)
-    data["generation"].update(steps=50, guidance=6.0, size=64, n=5)
-    data["nemo"].update(refine_batch=8)
-    data["cluster"]["k"] = 4
-    for key, value in (overrides or {}).items():
+    layers = {**_dotted(preset_dict(DEMO_PRESET)), "models.diffusion.model": str(model_dir), **(overrides or {})}
+    for key, value in layers.items():
         set_dotted(data, key, value)
     return Config.model_validate(data)
 
@@ -84,46 +88,34 @@ def _step(title: str) -> None:
 
 
 def _sql(db: Database, name: str, **params):
-    text = load_query(name)
-    return run_query(db, text, query_params(text, params))
+    """The named query `sql/NAME.sql` (what `fbmem sql NAME` prints)."""
+    return run_named_query(db, name, params)
 
 
 def label_shares_by_group(db: Database) -> str:
-    return format_table(run_query(db, """
-        SELECT p.planted, g.mitigation, count(*) AS generations,
-               round(avg((l.label = 'VM')::INT), 3) AS VM, round(avg((l.label = 'FM')::INT), 3) AS FM,
-               round(avg((l.label = 'BM')::INT), 3) AS BM, round(avg((l.label = 'NM')::INT), 3) AS NM
-        FROM current_labels l JOIN generations g USING (generation_id) JOIN prompts p ON p.prompt_id = g.prompt_id
-        WHERE l.rule = 'most-severe'
-        GROUP BY ALL ORDER BY g.mitigation DESC, p.planted DESC"""))
+    shares = _sql(db, "label_shares_by_group")
+    return format_table(shares.select(["planted", "mitigation", "generations", *(f"share_{lab}" for lab in LABELS)]))
 
 
 def detection_summary(db: Database) -> tuple[str, float]:
     """Detection score per planted group, and the AUC of VM vs NM prompts."""
     from sklearn.metrics import roc_auc_score
 
-    rows = run_query(db, """
-        SELECT p.planted, n.detect_score, n.detect_mean, n.memorized
-        FROM nemo_prompts n JOIN prompts p USING (prompt_id)""").to_pylist()
-    vm = [r for r in rows if r["planted"] in ("VM", "NM")]
-    y = [r["planted"] == "VM" for r in vm]
+    rows = _sql(db, "nemo_by_prompt").to_pylist()
+    vm = [r for r in rows if r["planted"] in (VM, NM)]
+    y = [r["planted"] == VM for r in vm]
     auc = float(roc_auc_score(y, [r["detect_score"] for r in vm])) if 0 < sum(y) < len(y) else float("nan")
     auc_mean = float(roc_auc_score(y, [r["detect_mean"] for r in vm])) if 0 < sum(y) < len(y) else float("nan")
-    table = format_table(run_query(db, """
-        SELECT p.planted, count(*) AS prompts, round(avg(n.detect_score), 3) AS mean_detect_score,
-               round(min(n.detect_score), 3) AS min_score, round(max(n.detect_score), 3) AS max_score,
-               round(avg(n.detect_mean), 3) AS mean_pairwise, sum(n.memorized::INT) AS detected
-        FROM nemo_prompts n JOIN prompts p USING (prompt_id) GROUP BY 1 ORDER BY 1 DESC"""))
+    table = format_table(_sql(db, "nemo_by_group").select([
+        "planted", "prompts", "mean_detect_score", "min_detect_score", "max_detect_score", "mean_pairwise_score",
+        "memorized"]))
     return table + f"\nAUC VM vs NM: max-of-max score {auc:.3f}, mean pairwise score {auc_mean:.3f}", auc
 
 
 def nemo_outcomes(db: Database) -> str:
     """One line per localized prompt: NeMo's own verdict (criterion reached, or why not)."""
-    return format_table(run_query(db, """
-        SELECT p.planted, p.text AS prompt, round(n.detect_score, 3) AS detect,
-               n.n_initial, n.n_refined, n.criterion_reached, n.message
-        FROM nemo_prompts n JOIN prompts p USING (prompt_id)
-        WHERE n.n_initial IS NOT NULL ORDER BY p.planted DESC, p.text"""))
+    return format_table(_sql(db, "nemo_by_prompt", localized_only=True).select([
+        "planted", "prompt", "detect_score", "n_initial", "n_refined", "criterion_reached", "message"]))
 
 
 def _baseline_samples(db: Database, prompt_id: str, n: int) -> list[np.ndarray] | None:
@@ -134,7 +126,7 @@ def _baseline_samples(db: Database, prompt_id: str, n: int) -> list[np.ndarray] 
     from PIL import Image
 
     rows = db.read("generations", ["sample", "image_bytes"],
-                   where=f"prompt_id = '{prompt_id}' AND mitigation = 'none'").to_pylist()
+                   where=f"prompt_id = {sql_literal(prompt_id)} AND {UNMITIGATED}").to_pylist()
     by_sample = {r["sample"]: r["image_bytes"] for r in rows if r["image_bytes"]}
     if any(i not in by_sample for i in range(n)):
         return None
@@ -149,9 +141,9 @@ def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int
     the generations table."""
     import random
 
+    from fbmem.jobs.core.nemo.hooks import deactivate, find_value_layers
     from fbmem.jobs.core.nemo_c import union_by_cluster
     from fbmem.jobs.mitigate import refined_sets
-    from fbmem.jobs.core.nemo.hooks import deactivate, find_value_layers
     from fbmem.jobs.toy.train import score_generations
     from fbmem.pipelines.generator import generate_images, sample_seed
 
@@ -164,7 +156,7 @@ def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int
     tau = cfg.fbmem.thresholds[0]
     hits: dict[str, list[bool]] = {}
     g = cfg.generation
-    for p in db.read("prompts", ["prompt_id", "text", "cluster_id"], where="planted = 'VM'").to_pylist():
+    for p in db.read("prompts", ["prompt_id", "text", "cluster_id"], where=f"planted = {sql_literal(VM)}").to_pylist():
         union = unions.get(p["cluster_id"])
         if not union:
             continue
@@ -188,17 +180,17 @@ def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int
 
 def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = None,
              corpus_spec: ToyCorpusSpec | None = None, train_spec=None) -> None:
-    """The whole demo into `out`. The specs default to the real toy world and model; tests pass
-    small ones."""
+    """The whole demo into `out`: `cfg` is the base (`fbmem demo`'s --preset and --config), the
+    demo's settings go over it (`demo_config`), then `overrides` (--set). The specs default to the
+    real toy world and model; tests pass small ones."""
     from fbmem.jobs.cluster import run_cluster
     from fbmem.jobs.generate import run_generate
+    from fbmem.jobs.ingest import ingest_images, ingest_prompts
     from fbmem.jobs.label import format_distribution, run_label_job
     from fbmem.jobs.mitigate import run_mitigate
     from fbmem.jobs.nemo import prompt_set_source, read_stats, run_localize, run_stats
     from fbmem.jobs.report import write_report
     from fbmem.jobs.toy.train import ToyTrainSpec, ensure_toy_model
-    from fbmem.jobs.ingest import ingest_images
-    from fbmem.jobs.ingest import ingest_prompts
 
     t0 = _T0[0] = time.perf_counter()
     out = Path(out)
@@ -207,7 +199,7 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     _step("toy world")
     world, corpus = build_world(out, corpus_spec or ToyCorpusSpec())
     print(f"{len(corpus.images)} training images, {len(corpus.prompts)} prompts "
-          f"(groups: {', '.join(f'{g} {sum(p.planted == g for p in corpus.prompts)}' for g in ('VM', 'FM', 'BM', 'NM'))})")
+          f"(groups: {', '.join(f'{g} {sum(p.planted == g for p in corpus.prompts)}' for g in LABELS)})")
 
     _step("toy diffusion model (trained here on the CPU; reused when cached)")
     t = time.perf_counter()
@@ -215,44 +207,43 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     print(f"model: {model_dir} ({time.perf_counter() - t:.0f} s)")
 
     _step("start Ray")
-    cfg = demo_config(cfg, model_dir, overrides)
-    db = connect(str(out / "db"), cfg.storage_options)
-    ensure_ray(cfg)
+    job = JobContext(demo_config(cfg, model_dir, overrides), str(out / "db"))
+    cfg, db = job.cfg, job.db
+    job.ensure_ray()
 
     _step("ingest training images and prompts")
-    with RunRecord(db, "ingest-training", cfg, args={"src": str(world / "images")}) as run:
-        ingest_images(db, cfg, str(world / "images"), target="training", kind="folder", masks="lazy", run=run)
-    with RunRecord(db, "ingest-prompts", cfg, args={"csv": str(world / "prompts.csv")}) as run:
-        ingest_prompts(db, cfg, world / "prompts.csv", run=run)
+    images, prompts_csv = world / "images", world / "prompts.csv"
+    with job.run("ingest-training", {"src": str(images)}) as run:
+        ingest_images(db, cfg, str(images), target="training", kind="folder", masks="lazy", run=run)
+    with job.run("ingest-prompts", {"csv": str(prompts_csv)}) as run:
+        ingest_prompts(db, cfg, prompts_csv, run=run)
 
     _step("cluster the memorized prompts (NeMo-C)")
-    with RunRecord(db, "cluster", cfg, args={"where": MEMORIZED}) as run:
+    with job.run("cluster", {"where": MEMORIZED}) as run:
         res = run_cluster(db, cfg, run=run, where=MEMORIZED)
     print(f"silhouette {res['silhouette']:.3f}, cluster sizes {res['sizes']}")
 
     _step(f"generate {cfg.generation.n} samples per prompt")
-    with RunRecord(db, "generate", cfg, args={"n": cfg.generation.n}) as run:
+    with job.run("generate", {"n": cfg.generation.n}) as run:
         run_generate(db, cfg, run=run)
 
     _step("FB-Mem labels")
-    with RunRecord(db, "label", cfg, args={"where": "mitigation = 'none'"}) as run:
-        dist = run_label_job(db, cfg, run=run, where="mitigation = 'none'")
+    with job.run("label", {"where": UNMITIGATED}) as run:
+        dist = run_label_job(db, cfg, run=run, where=UNMITIGATED)
     print(f"labels: {format_distribution(dist)}")
 
     _step("NeMo: statistics, detection, localization")
-    from fbmem.pipelines.diffusion_models import load_audited_pipeline
-
-    pipe = load_audited_pipeline(cfg)
+    pipe = job.pipeline()
     model_id = cfg.models.diffusion.model_id
-    ordinary = db.read("prompts", ["text"], where="planted = 'NM'").column(0).to_pylist()
+    ordinary = db.read("prompts", ["text"], where=ORDINARY).column(0).to_pylist()
     source = prompt_set_source(ordinary)
-    have = db.count("neuron_stats", f"model_id = '{model_id}' AND stats_source = '{source}'")
-    with RunRecord(db, "nemo-stats", cfg, args={"prompts": "planted = 'NM'"}) as run:
+    have = db.count("neuron_stats", f"model_id = {sql_literal(model_id)} AND stats_source = {sql_literal(source)}")
+    with job.run("nemo-stats", {"prompts": ORDINARY}) as run:
         if not have:
             run_stats(db, cfg, pipe, ordinary, source=source, run=run)
     stats = read_stats(db, model_id, source)
     prompts = db.read("prompts", ["prompt_id", "text"])
-    with RunRecord(db, "nemo-localize", cfg, args={"prompts": "all"}) as run:
+    with job.run("nemo-localize", {"prompts": "all"}) as run:
         nemo_rows = run_localize(db, cfg, pipe, prompts, stats, run, batched=True, only_memorized=True)
     table, auc = detection_summary(db)
     print(table)
@@ -276,7 +267,7 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     results = {}
     for method in ("nemo", "nemo-c"):
         _step(f"mitigation: {method}")
-        with RunRecord(db, "mitigate", cfg, args={"method": method}) as run:
+        with job.run("mitigate", {"method": method}) as run:
             try:
                 results[method] = run_mitigate(db, cfg, method=method, run=run)
             except ValueError as exc:  # e.g. nothing localized: say so, keep going
