@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from fbmem.jobs.core.clustering import cluster_embeddings
 from fbmem.jobs.config import Config
+from fbmem.jobs.core.clustering import cluster_embeddings
 from fbmem.jobs.runtime.run_record import RunRecord
 from fbmem.storage.database import Database
 
@@ -15,15 +15,19 @@ log = logging.getLogger(__name__)
 
 
 def prompt_features(cfg: Config, prompts: pa.Table) -> np.ndarray:
-    """The vectors KMeans sees: text-encoder hidden states flattened (ref) or CLIP text vectors."""
+    """The vectors KMeans sees: text-encoder hidden states flattened (ref) or CLIP text vectors.
+
+    The hidden states come from the one prompt encoder NeMo and generation use
+    (jobs/core/prompt_encoding.py: StableDiffusionPipeline.encode_prompt's rules)."""
     if cfg.cluster.embedding == "open_clip":
         return np.asarray(prompts.column("embedding").to_pylist(), dtype=np.float32)
+    from fbmem.jobs.core.prompt_encoding import encode_prompts
     from fbmem.pipelines.devices import pick_device
-    from fbmem.pipelines.diffusion_models import encode_prompts, load_text_encoder
+    from fbmem.pipelines.diffusion_models import load_text_encoder
 
     device = pick_device(cfg.resources.device)
     tok, enc = load_text_encoder(cfg.models.diffusion, device)
-    hidden = encode_prompts(tok, enc, prompts.column("text").to_pylist(), device)
+    hidden = encode_prompts(tok, enc, prompts.column("text").to_pylist()).float().cpu()
     return hidden.reshape(hidden.shape[0], -1).numpy()
 
 

@@ -212,15 +212,25 @@ class NemoConfig(_Strict):
     timestep_index: int = Field(1, ge=0)  # t_1: second timestep of the DDIM schedule
     schedule_steps: int = Field(50, ge=2)
     threshold: float = Field(0.428, ge=0, le=1)
-    detect_win_size: int = Field(11, ge=3)
+    # MS-SSIM of noise differences: torchmetrics 1.3.2 with data_range=None (the reference's), or
+    # the former pytorch-msssim-style score (data range 1, weights 1/n)
+    detect_metric: Literal["torchmetrics", "pytorch-msssim"] = "torchmetrics"
+    detect_beta: float = Field(0.33, gt=0)  # torchmetrics: every scale's exponent (ref betas (0.33,)*3)
+    detect_win_size: int = Field(11, ge=3)  # torchmetrics: must be 11 (its window comes from sigma 1.5)
     detect_scales: int = Field(3, ge=1)
     detect_min_side: int = Field(0, ge=0)  # upsample noise differences to at least this side
     theta_start: float = 5.0
     theta_step: float = Field(0.25, gt=0)
     theta_min: float = 1.0
+    # give up when, after the decrement, theta == theta_min (the reference's test) or theta <= theta_min
+    theta_stop: Literal["equal", "at-or-below"] = "equal"
     k_start: int = Field(0, ge=0)
+    k_max: int = Field(1280, ge=1)  # (ref) also give up when k reaches this
     refine_batch: int = Field(64, ge=1)  # candidate neuron sets per batched UNet call
     alpha: float = Field(0.0, ge=0, lt=1)
+    # on a GPU: fp32 weights under fp16 autocast, fp32 x_T (the reference's; the model must be loaded
+    # in float32), or the loaded weights' own dtype (pure fp16 with the default GPU load)
+    gpu_numerics: Literal["autocast", "native"] = "autocast"
 
 
 class Config(_Strict):

@@ -3,7 +3,9 @@
 These functions take a loaded pipeline (or the components dict of
 pipelines/diffusion_models.build_tiny_components) already on its device: model loading and the
 device choice (pipelines/devices.pick_device) stay with the caller. Each writes its rows and fills
-the RunRecord it is given (rows in/out, errors, metrics), like jobs/label.py.
+the RunRecord it is given (rows in/out, errors, metrics), like jobs/label.py. On a GPU the
+reference's numerics (nemo.gpu_numerics=autocast, the default) need the model in float32:
+`pipelines.diffusion_models.load_nemo_pipeline(cfg)` loads it so, and the jobs refuse fp16 weights under that setting.
 
 - `run_stats`: activations of a prompt set -> `neuron_stats` (per-neuron mean/std).
 - `import_stats_csv`: the SD 1.4 reference file -> `neuron_stats` (checked against the UNet's
@@ -30,6 +32,7 @@ import torch
 from fbmem.jobs.config import Config
 from fbmem.jobs.core.nemo.detection import Detection
 from fbmem.jobs.core.nemo.evaluator import (
+    check_numerics,
     compute_stats,
     detect_prompt,
     localize_prompt,
@@ -38,9 +41,14 @@ from fbmem.jobs.core.nemo.evaluator import (
 )
 from fbmem.jobs.core.nemo.hooks import ValueLayer, find_value_layers
 from fbmem.jobs.core.nemo.search import NeuronSets, n_neurons
-from fbmem.jobs.core.nemo.statistics import NeuronStats, check_stats_layers, load_stats_csv
-from fbmem.jobs.runtime.run_record import RunRecord, now_utc
+from fbmem.jobs.core.nemo.statistics import (
+    NeuronStats,
+    check_stats_layers,
+    load_stats_csv,
+)
+from fbmem.jobs.runtime.run_record import RunRecord
 from fbmem.storage.database import Database
+from fbmem.storage.errors import error_row
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +98,9 @@ def _prompt_rows(prompts: pa.Table | Sequence[Mapping]) -> list[dict]:
 
 
 def _error_row(run: RunRecord, stage: str, prompt_id: str, reason: str) -> dict:
-    from fbmem.pipelines.ingest import error_id
-
-    return {"error_id": error_id(run.job, stage, prompt_id), "job": run.job, "stage": stage,
-            "source_uri": f"prompt:{prompt_id}", "source_id": prompt_id, "reason": reason,
-            "run_id": run.run_id, "created_at": now_utc()}
+    """A prompt that failed `stage`, keyed by its prompt id (a rerun overwrites the row)."""
+    return error_row(run.job, run.run_id, stage=stage, reason=reason, source_uri=f"prompt:{prompt_id}",
+                     source_id=prompt_id, key=prompt_id)
 
 
 # ============================================================================ statistics jobs
@@ -123,7 +129,9 @@ def run_stats(db: Database, cfg: Config, pipe: Any, prompts: Sequence[str], *, s
         run.metrics["skipped_empty_prompts"] = len(bad)
         skip = set(bad)
         prompts = [p for i, p in enumerate(prompts) if i not in skip]
-    stats = compute_stats(parts_of(pipe), prompts, source=source, batch_size=batch_size)
+    parts = parts_of(pipe)
+    check_numerics(parts, cfg.nemo)
+    stats = compute_stats(parts, prompts, source=source, batch_size=batch_size, numerics=cfg.nemo.gpu_numerics)
     run.rows_out = db.upsert("neuron_stats", stats_rows(stats, cfg.models.diffusion.model_id, run.run_id))
     run.metrics.update(layers=len(stats.mean), neurons=sum(stats.sizes().values()), n_prompts=stats.n_prompts,
                        stats_source=source)
@@ -176,6 +184,7 @@ def _detect_row(cfg: Config, model_id: str, prompt_id: str, det: Detection, run_
 def run_detect(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Sequence[Mapping], run: RunRecord) -> int:
     """Detection for each prompt row (prompt_id, text) -> `nemo_prompts`. Returns memorized count."""
     parts = parts_of(pipe)
+    check_numerics(parts, cfg.nemo)
     model_id = cfg.models.diffusion.model_id
     rows = _prompt_rows(prompts)
     run.rows_in = len(rows)
@@ -271,6 +280,7 @@ def run_localize(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Seque
     row is returned) unless `force`: the search is the costly part of a rerun.
     """
     parts = parts_of(pipe)
+    check_numerics(parts, cfg.nemo)
     layers = find_value_layers(parts.unet)
     check_stats_layers(stats, layers)
     model_id = cfg.models.diffusion.model_id

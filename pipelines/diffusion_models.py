@@ -158,21 +158,18 @@ def load_text_encoder(cfg: DiffusionConfig, device: torch.device):
     return tok, enc.to(device).eval()
 
 
-@torch.inference_mode()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Text-encoder last hidden states [N, T, D], padded to the model's max length (as SD does)."""
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        tok = tokenizer(prompts[i : i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")
-        outs.append(text_encoder(tok.input_ids.to(device))[0].float().cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
+def nemo_dtype(cfg, device: torch.device) -> torch.dtype:
+    """The dtype NeMo needs the model loaded in: float32 on a GPU under the reference's numerics
+    (nemo.gpu_numerics=autocast: fp32 weights under fp16 autocast), else generation's dtype."""
+    if cfg.nemo.gpu_numerics == "autocast" and torch.device(device).type == "cuda":
+        return torch.float32
+    return resolve_dtype(cfg.generation.dtype, torch.device(device))
 
 
-def load_audited_pipeline(cfg):
-    """The configured model on the configured device (fp16 on GPU, fp32 on CPU): the one loader
-    that CLI commands and the demo share. `cfg` is the whole fbmem Config."""
+def load_nemo_pipeline(cfg):
+    """The configured model on the configured device in NeMo's dtype (`nemo_dtype`): the one
+    loader of the NeMo jobs and the demo. `cfg` is the whole fbmem Config."""
     from fbmem.pipelines.devices import pick_device
 
     device = pick_device(cfg.resources.device)
-    return load_pipeline(cfg.models.diffusion, device, resolve_dtype(cfg.generation.dtype, device))
+    return load_pipeline(cfg.models.diffusion, device, nemo_dtype(cfg, device))

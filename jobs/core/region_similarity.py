@@ -40,7 +40,6 @@ from PIL import Image
 from pytorch_msssim import ms_ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, gaussian_filter
 
-
 METRIC_REGION = "region"
 METRIC_MASKED_VIEW = "masked-view"
 Metric = Literal["region", "masked-view"]

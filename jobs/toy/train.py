@@ -422,9 +422,9 @@ def _conditioning(tokenizer, text_encoder, captions: list[str], frozen: bool) ->
     pipeline encodes prompts at sampling time."""
     texts = captions + [""]
     if frozen:
-        from fbmem.pipelines.diffusion_models import encode_prompts
+        from fbmem.jobs.core.prompt_encoding import encode_prompts
 
-        return encode_prompts(tokenizer, text_encoder, texts, torch.device("cpu"))
+        return encode_prompts(tokenizer, text_encoder, texts).float().cpu()
     tok = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt")
     return tok.input_ids

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fbmem.jobs.core.label_rule import (
     BM,
     FIRED_BG,
@@ -23,8 +26,6 @@ from fbmem.jobs.core.label_rule import (
     paper_rule,
     severity_of,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 TAUS = {"tau_full": 0.8, "tau_fg": 0.8, "tau_bg": 0.8}
 score = st.floats(0.0, 1.0, allow_nan=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from fbmem.jobs.core.mitigation_score import (
     LABELS,
     WEIGHTS,

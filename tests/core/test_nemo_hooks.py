@@ -6,6 +6,8 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
+from model_shapes import sd14_unet_on_meta
+
 from fbmem.jobs.core.nemo.hooks import (
     channel_scales,
     deactivate,
@@ -15,7 +17,6 @@ from fbmem.jobs.core.nemo.hooks import (
     value_activations,
 )
 from fbmem.pipelines.diffusion_models import TinySpec, build_tiny_components
-from model_shapes import sd14_unet_on_meta
 
 torch.set_num_threads(1)
 

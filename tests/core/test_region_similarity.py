@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pytorch_msssim import ms_ssim
+
 from fbmem.jobs.core.region_similarity import (
     METRIC_MASKED_VIEW,
     METRIC_REGION,
@@ -20,10 +25,6 @@ from fbmem.jobs.core.region_similarity import (
     score_pair_loop,
     score_pairs,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from PIL import Image
-from pytorch_msssim import ms_ssim
 
 S = 176  # just above the 161 px minimum of 5-scale MS-SSIM with window 11: fast tests
 METRICS = (METRIC_REGION, METRIC_MASKED_VIEW)

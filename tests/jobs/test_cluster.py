@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from fbmem.jobs.cli import app
 from fbmem.jobs.core.clustering import cluster_embeddings
 from fbmem.storage.database import connect
 from fbmem.storage.sql import run_query
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

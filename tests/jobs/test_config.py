@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fbmem.jobs.config import Config, ConfigError, load_config, preset_names
 
 

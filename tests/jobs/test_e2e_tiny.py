@@ -7,11 +7,12 @@ consistent rows behind.
 from __future__ import annotations
 
 import pytest
+from typer.testing import CliRunner
+
 from fbmem.jobs.cli import app
 from fbmem.jobs.toy.corpus import ToyCorpusSpec, build_corpus, write_corpus
 from fbmem.storage.database import connect
 from fbmem.storage.sql import load_query, query_params, run_query
-from typer.testing import CliRunner
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
+
 from fbmem.jobs.config import load_config
 from fbmem.jobs.core.nemo.hooks import deactivate
 from fbmem.jobs.generate import run_generate
@@ -25,7 +27,6 @@ from fbmem.pipelines.generator import (
 )
 from fbmem.pipelines.prompt_sets import prompt_id
 from fbmem.storage.database import connect
-from PIL import Image
 
 # CPU float32: one sample computed alone or in a batch of 3 differs only by summation order in
 # the batched GEMMs/convolutions (measured ~1e-6 on [0, 1] pixels after 10 steps). 1e-4 leaves

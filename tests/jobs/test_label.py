@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
 from fbmem.jobs.cli import app
 from fbmem.jobs.toy.planted import planted_test_set
 from fbmem.storage.database import connect
 from fbmem.storage.sql import load_query, query_params, run_query
-from PIL import Image
-from typer.testing import CliRunner
 
 runner = CliRunner()
 SQL = Path(__file__).resolve().parents[2] / "sql"

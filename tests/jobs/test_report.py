@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
 from fbmem.jobs.cli import app
 from fbmem.jobs.core.mitigation_score import mitigation_score
 from fbmem.jobs.report import write_report
 from fbmem.jobs.toy.planted import planted_test_set
 from fbmem.storage.database import connect
-from PIL import Image
-from typer.testing import CliRunner
 
 CHROMIUM = "/usr/bin/chromium"
 runner = CliRunner()

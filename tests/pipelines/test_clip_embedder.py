@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
+
 from fbmem.jobs.config import ClipConfig, Config
 from fbmem.pipelines.clip_embedder import (
     TINY_CLIP_NAME,
@@ -18,7 +20,6 @@ from fbmem.pipelines.clip_embedder import (
     load_clip,
 )
 from fbmem.pipelines.devices import pick_device
-from PIL import Image
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -248,6 +249,7 @@ def ray_session():
 
 def test_actors_run_under_ray_data(ray_session, image_embedder):
     import ray
+
     from fbmem.pipelines.sam_segmenter import SamSegmenter
 
     cfg_json = _config_json()

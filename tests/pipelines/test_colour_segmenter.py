@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
+
 from fbmem.jobs.config import Config, SegmenterConfig
 from fbmem.jobs.toy.corpus import (
     BG_KINDS,
@@ -30,7 +32,6 @@ from fbmem.jobs.toy.corpus import (
 )
 from fbmem.pipelines.colour_segmenter import colour_foreground, is_pattern
 from fbmem.pipelines.sam_segmenter import SamSegmenter, make_backend
-from PIL import Image
 
 
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -16,6 +16,8 @@ from bad_inputs import (
     write_bad_inputs,
     write_good_images,
 )
+from PIL import Image
+
 from fbmem.pipelines.images import (
     ImageError,
     decode_image,
@@ -24,7 +26,6 @@ from fbmem.pipelines.images import (
     validate_batch,
     validate_record,
 )
-from PIL import Image
 
 DEFAULT_MAX_PIXELS = 89_478_485
 LIMITS = dict(max_pixels=DEFAULT_MAX_PIXELS, min_side=32)

@@ -6,13 +6,14 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fbmem.pipelines.masks import (
     decode_mask_png,
     encode_mask_png,
     fg_fraction,
     mask_from_file_bytes,
 )
-from PIL import Image
 
 
 def _png(img: Image.Image, **save_kwargs) -> bytes:

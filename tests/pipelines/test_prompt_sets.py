@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+
 from fbmem.pipelines.prompt_sets import (
     PROMPT_SET_SCHEMA,
     PromptSetError,
@@ -138,7 +139,13 @@ def test_result_is_arrow_table_with_schema_types() -> None:
 def test_shipped_reference_files_are_the_published_ones():
     import hashlib
 
-    from fbmem.pipelines.reference_data import CHECKSUMS, PROMPT_SETS, STATISTICS, prompt_set_path, statistics_path
+    from fbmem.pipelines.reference_data import (
+        CHECKSUMS,
+        PROMPT_SETS,
+        STATISTICS,
+        prompt_set_path,
+        statistics_path,
+    )
 
     paths = [prompt_set_path(n) for n in PROMPT_SETS] + [statistics_path(n) for n in STATISTICS]
     assert sorted(p.name for p in paths) == sorted(CHECKSUMS)

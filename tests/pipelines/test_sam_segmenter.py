@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
+
 from fbmem.jobs.config import Config, SegmenterConfig
 from fbmem.pipelines.masks import decode_mask_png, encode_mask_png
 from fbmem.pipelines.sam_segmenter import (
@@ -22,7 +24,6 @@ from fbmem.pipelines.sam_segmenter import (
     make_backend,
     segment_image,
 )
-from PIL import Image
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

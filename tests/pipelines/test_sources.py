@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from bad_inputs import EXPECTED_ERRORS, MUST_DECODE, write_bad_inputs, write_good_images
+
 from fbmem.pipelines.images import sha256_hex, validate_batch
 from fbmem.pipelines.sources import (
     GENERATION_SCHEMA,

@@ -5,6 +5,7 @@ import platform
 
 import pytest
 import torch
+
 from fbmem.jobs.core.region_similarity import (
     CPU_BLOCK_BYTES,
     CPU_BLOCK_BYTES_RETAINED,

@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from fbmem.storage.database import StorageError, connect
 from fbmem.storage.schema import KEYS, TABLES, conform, schema_for
 from fbmem.storage.sql import duckdb_connection, load_query, query_params, run_query

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+
 from fbmem.jobs.toy.data_parallel import run_data_parallel
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fbmem.jobs.toy.corpus import ToyCorpusSpec
 from fbmem.jobs.toy.demo import demo_config, run_demo
 from fbmem.jobs.toy.train import ToyTrainSpec

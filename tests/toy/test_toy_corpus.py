@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fbmem.jobs.toy.corpus import (
     BG_KINDS,
     FG_TEXTURES,
@@ -23,7 +25,6 @@ from fbmem.jobs.toy.corpus import (
     write_corpus,
 )
 from fbmem.jobs.toy.planted import PLANTED_EXPECTED, planted_test_set
-from PIL import Image
 
 SMALL = ToyCorpusSpec(
     vm_prompts=2, vm_copies=3, fm_prompts=2, fm_copies=4, bm_prompts=2, bm_copies=5, nm_prompts=6, size=48, seed=7
@@ -460,6 +461,7 @@ def _label(full: float, fg: float, bg: float, tau: float = 0.8) -> str:
 
 def test_planted_pairs_get_their_label_under_the_region_metric(planted) -> None:
     import torch
+
     from fbmem.jobs.core.region_similarity import prepare_batch, score_pairs
 
     torch.set_num_threads(1)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from fbmem.jobs.config import DiffusionConfig
 from fbmem.jobs.toy.corpus import BgSpec, ToyCorpusSpec, build_corpus, compose
 from fbmem.jobs.toy.train import (
@@ -26,7 +28,6 @@ from fbmem.jobs.toy.train import (
     train_toy_model,
 )
 from fbmem.pipelines.diffusion_models import load_pipeline
-from safetensors.torch import load_file
 
 CORPUS_SPEC = ToyCorpusSpec(vm_prompts=1, vm_copies=4, fm_prompts=1, fm_copies=3, bm_prompts=1, bm_copies=3,
                             nm_prompts=2, size=32, seed=1)

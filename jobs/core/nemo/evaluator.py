@@ -5,7 +5,9 @@ masks). Pure torch: the jobs in jobs/nemo.py hand it a pipeline and write what i
 Per-prompt work that does not need the database lives in `detect_prompt` / `localize_prompt`
 (used by the benchmark and the tests). `batched=False` runs the reference's call pattern (one
 candidate set per UNet call); `batched=True` evaluates nemo.refine_batch candidate sets per call
-and returns the same neuron sets (search.py).
+and returns the same neuron sets (search.py). Every UNet and to_v call follows nemo.gpu_numerics
+(numerics.py: on a GPU, by default, fp32 weights under fp16 autocast with an fp32 x_T, as the
+reference runs them).
 """
 from __future__ import annotations
 
@@ -28,9 +30,14 @@ from fbmem.jobs.core.nemo.detection import (
     noise_difference,
 )
 from fbmem.jobs.core.nemo.hooks import ValueLayer, find_value_layers, value_activations
+from fbmem.jobs.core.nemo.numerics import NATIVE, check_weights
 from fbmem.jobs.core.nemo.search import LocalizeResult, NeuronSets, localize, n_neurons
-from fbmem.jobs.core.nemo.statistics import ActivationAccumulator, NeuronStats, check_stats_layers
-
+from fbmem.jobs.core.nemo.statistics import (
+    ActivationAccumulator,
+    NeuronStats,
+    check_stats_layers,
+)
+from fbmem.jobs.core.prompt_encoding import encode_prompts as shared_encode_prompts
 
 # ============================================================================ model parts
 
@@ -64,21 +71,13 @@ def parts_of(pipe_or_components: Any) -> DiffusionParts:
     return DiffusionParts(get("unet"), get("text_encoder"), get("tokenizer"), get("scheduler").config, int(factor))
 
 
-@torch.no_grad()
 def encode_prompts(parts: DiffusionParts, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """Text-encoder output E [N, T, D] as StableDiffusionPipeline.encode_prompt computes it."""
+    """Text-encoder output E [N, T, D] of NeMo's prompts: jobs/core/prompt_encoding.encode_prompts
+    (the one encoder clustering and generation share), refusing empty prompts."""
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
     if bad:
         raise ValueError(f"empty or non-text prompts at positions {bad[:10]}")
-    tok, enc = parts.tokenizer, parts.text_encoder
-    dev = next(enc.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tok(list(prompts[i:i + batch_size]), padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt")
-        mask = ids.attention_mask.to(dev) if getattr(enc.config, "use_attention_mask", False) else None
-        out.append(enc(ids.input_ids.to(dev), attention_mask=mask)[0])
-    return torch.cat(out)
+    return shared_encode_prompts(parts.tokenizer, parts.text_encoder, prompts, batch_size=batch_size)
 
 
 def latent_shape(parts: DiffusionParts, image_size: int) -> tuple[int, int, int]:
@@ -89,7 +88,15 @@ def latent_shape(parts: DiffusionParts, image_size: int) -> tuple[int, int, int]
 
 
 def ms_settings(nemo: NemoConfig) -> MsSsimSettings:
-    return MsSsimSettings(win_size=nemo.detect_win_size, n_scales=nemo.detect_scales, min_side=nemo.detect_min_side)
+    return MsSsimSettings(win_size=nemo.detect_win_size, n_scales=nemo.detect_scales, min_side=nemo.detect_min_side,
+                          metric=nemo.detect_metric, beta=nemo.detect_beta)
+
+
+def check_numerics(parts: DiffusionParts, nemo: NemoConfig) -> None:
+    """Refuse, before any work, a model whose weights cannot give the configured GPU numerics."""
+    for what, mod in (("UNet", parts.unet), ("text encoder", parts.text_encoder)):
+        p = next(mod.parameters())
+        check_weights(p.device, p.dtype, nemo.gpu_numerics, what)
 
 
 # ============================================================================ evaluator
@@ -105,9 +112,9 @@ class BlockingEvaluator:
 
     def __init__(self, unet: torch.nn.Module, layers: Sequence[ValueLayer], latents: torch.Tensor, t1: int,
                  cond: torch.Tensor, ref_delta: torch.Tensor, ms: MsSsimSettings, alpha: float = 0.0,
-                 max_unet_batch: int | None = None) -> None:
+                 max_unet_batch: int | None = None, numerics: str = NATIVE) -> None:
         dev = next(unet.parameters()).device
-        self.unet, self.t1, self.ms, self.alpha = unet, t1, ms, alpha
+        self.unet, self.t1, self.ms, self.alpha, self.numerics = unet, t1, ms, alpha, numerics
         self.latents, self.cond, self.ref = latents.to(dev), cond.to(dev), ref_delta.to(dev)
         self.widths = {l.idx: l.out_features for l in layers}
         # None: all candidates in one UNet call. A cap (GPU memory) splits a call into several,
@@ -129,7 +136,7 @@ class BlockingEvaluator:
             chunk = sets[start:start + step]
             x = self.latents.repeat(len(chunk), 1, 1, 1)
             masks = masks_for_sets(chunk, self.widths, repeat=r, alpha=self.alpha)
-            delta = noise_difference(self.unet, x, self.t1, self.cond, scales=masks)
+            delta = noise_difference(self.unet, x, self.t1, self.cond, scales=masks, numerics=self.numerics)
             self.unet_calls += 1
             self.sets_evaluated += len(chunk)
             out += blocking_scores(self.ref, delta, ms=self.ms).tolist()
@@ -155,10 +162,11 @@ class PromptSetup:
 
 def detect_prompt(parts: DiffusionParts, text: str, nemo: NemoConfig, image_size: int) -> PromptSetup:
     """Noise differences of n latents for one prompt (one UNet call) and their detection scores."""
+    check_numerics(parts, nemo)
     cond = encode_prompts(parts, [text])
     lat = initial_latents(nemo.n_latents, latent_shape(parts, image_size), seed=nemo.latent_seed)
     t1 = ddim_t1(parts.scheduler_config, nemo.schedule_steps, nemo.timestep_index)
-    delta = noise_difference(parts.unet, lat, t1, cond)
+    delta = noise_difference(parts.unet, lat, t1, cond, numerics=nemo.gpu_numerics)
     det = detection(delta, threshold=nemo.threshold, ms=ms_settings(nemo))
     return PromptSetup(cond, lat, delta, t1, det)
 
@@ -198,14 +206,14 @@ def localize_prompt(
     thr = nemo.threshold if threshold is None else threshold
     if not bool(keep.any()):
         return PromptLocalization(setup, None, 1, 0, time.perf_counter() - t0)
-    acts = {i: a[0] for i, a in value_activations(parts.unet, setup.cond, layers).items()}
+    acts = {i: a[0] for i, a in value_activations(parts.unet, setup.cond, layers, nemo.gpu_numerics).items()}
     keep = keep.cpu()
     ev = BlockingEvaluator(parts.unet, layers, setup.latents[keep], setup.t1, setup.cond,
                            setup.delta[keep.to(setup.delta.device)], ms_settings(nemo), alpha=nemo.alpha,
-                           max_unet_batch=max_unet_batch)
+                           max_unet_batch=max_unet_batch, numerics=nemo.gpu_numerics)
     res = localize(acts, stats, ev, threshold=thr, batch=nemo.refine_batch if batched else 1,
                    theta_start=nemo.theta_start, theta_step=nemo.theta_step, theta_min=nemo.theta_min,
-                   k_start=nemo.k_start)
+                   k_start=nemo.k_start, stop_rule=nemo.theta_stop, k_max=nemo.k_max)
     return PromptLocalization(setup, res, 1 + ev.unet_calls, ev.sets_evaluated, time.perf_counter() - t0)
 
 
@@ -220,7 +228,8 @@ def all_off_score(parts: DiffusionParts, text: str, nemo: NemoConfig, image_size
         keep = torch.ones_like(keep)
     layers = find_value_layers(parts.unet)
     ev = BlockingEvaluator(parts.unet, layers, setup.latents[keep], setup.t1, setup.cond,
-                           setup.delta[keep.to(setup.delta.device)], ms_settings(nemo), alpha=nemo.alpha)
+                           setup.delta[keep.to(setup.delta.device)], ms_settings(nemo), alpha=nemo.alpha,
+                           numerics=nemo.gpu_numerics)
     return ev.one({l.idx: list(range(l.out_features)) for l in layers})
 
 
@@ -230,21 +239,26 @@ def outcome_message(res: LocalizeResult) -> str:
     if ini.mitigated:
         head = f"initial set mitigates at theta={ini.theta:g}, k={ini.k}: s(B)={ini.score:.4f} <= {res.threshold:g}"
     else:
-        head = (f"initial search gave up at theta={ini.theta:g}, k={ini.k}: s(B)={ini.score:.4f} > {res.threshold:g}; "
-                f"refined against s(B) itself")
+        stop = f" (stop rule: {ini.stop})" if ini.stop else ""
+        head = (f"initial search gave up at theta={ini.theta:g}, k={ini.k}{stop}: s(B)={ini.score:.4f} > "
+                f"{res.threshold:g}; refined against s(B) itself")
     rs = res.refined_score
     tail = (f"criterion reached: refined s(B)={rs:.4f}" if res.criterion_reached
             else f"criterion NOT reached: refined s(B)={rs:.4f} > {res.threshold:g}")
     return f"{head}; {n_neurons(ini.sets)} -> {n_neurons(ref.sets)} neurons; {tail}"
 
 
-def compute_stats(parts: DiffusionParts, prompts: Sequence[str], *, source: str, batch_size: int = 64) -> NeuronStats:
-    """Per-neuron activation mean/std over `prompts` (no UNet pass: to_v applied to E)."""
+def compute_stats(parts: DiffusionParts, prompts: Sequence[str], *, source: str, batch_size: int = 64,
+                  numerics: str = NATIVE) -> NeuronStats:
+    """Per-neuron activation mean/std over `prompts` (no UNet pass: to_v applied to E).
+
+    `numerics`: nemo.gpu_numerics, so statistics and the prompts they are compared with are
+    computed alike (under the reference's fp16 autocast on a GPU)."""
     layers = find_value_layers(parts.unet)
     acc = ActivationAccumulator()
     for i in range(0, len(prompts), batch_size):
         e = encode_prompts(parts, prompts[i:i + batch_size], batch_size)
-        acc.update(value_activations(parts.unet, e, layers))
+        acc.update(value_activations(parts.unet, e, layers, numerics))
     res = acc.result()
     return NeuronStats({l.idx: l.name for l in layers}, {i: m for i, (m, _) in res.items()},
                        {i: s for i, (_, s) in res.items()}, source=source, n_prompts=acc.n)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fbmem.jobs.core.nemo.numerics import NATIVE, autocast_for, compute_dtype
+
 _VALUE_NAME = re.compile(r"^(down_blocks\.\d+|mid_block)\..*attn2\.to_v$")
 
 
@@ -193,23 +195,28 @@ def record_activations(unet: torch.nn.Module) -> Iterator[dict[int, list[torch.T
 
 @torch.no_grad()
 def value_activations(
-    unet: torch.nn.Module, text_embeddings: torch.Tensor, layers: Sequence[ValueLayer] | None = None
+    unet: torch.nn.Module, text_embeddings: torch.Tensor, layers: Sequence[ValueLayer] | None = None,
+    numerics: str = NATIVE,
 ) -> dict[int, torch.Tensor]:
     """NeMo activation a_j(p) = mean over tokens of |to_v(E_p)|_j, as float32 [N, C] per layer.
 
     Cross-attention keys/values depend only on the text, so no UNet pass is needed: each to_v is
     applied directly to the text-encoder output E [N, T, D] (on the layer's device and dtype).
+    `numerics` (numerics.py): under the reference's GPU autocast, to_v runs in fp16 and the token
+    mean is taken in fp16 as the reference's hook output is; otherwise the mean is taken in fp32.
     """
     if text_embeddings.dim() != 3:
         raise ValueError(f"text embeddings must be [N, tokens, width], got {tuple(text_embeddings.shape)}")
     layers = list(layers) if layers is not None else find_value_layers(unet)
     out: dict[int, torch.Tensor] = {}
     for l in layers:
-        w = l.module.weight
         if text_embeddings.shape[-1] != l.module.in_features:
             raise ValueError(
                 f"{l.name} expects {l.module.in_features}-wide text embeddings, got {text_embeddings.shape[-1]}"
             )
-        e = text_embeddings.to(device=w.device, dtype=w.dtype)
-        out[l.idx] = l.module(e).abs().float().mean(dim=1)
+        w = l.module.weight
+        e = text_embeddings.to(device=w.device, dtype=compute_dtype(l.module, numerics))
+        with autocast_for(l.module, numerics) as fp16:
+            v = l.module(e).abs()
+        out[l.idx] = v.mean(dim=1).float() if fp16 else v.float().mean(dim=1)
     return out

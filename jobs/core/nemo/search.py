@@ -5,7 +5,8 @@ Pieces, in the order a prompt goes through them:
 - initial selection (`initial_selection`) and the one-pass greedy refinement, both one candidate
   at a time as the reference does (`refine_sequential`) and batched (`refine_batched`).
 
-Candidate neuron sets are `dict[layer_idx, list[int]]` (list order matters for the refinement);
+Candidate neuron sets are `dict[layer_idx, list[int]]` (list order matters for the refinement; a
+neuron listed twice, as the reference's selection lists it, counts once at its last place);
 the search code only sees them through `evaluate(set) -> s` / `evaluate_many(sets) -> [s]`
 callables, so it is tested with constructed oracles and run by the evaluator (evaluator.py) on a real UNet.
 
@@ -47,25 +48,67 @@ EvaluateMany = Callable[[list[NeuronSets]], list[float]]
 # ============================================================================ initial selection
 
 
+STOP_EQUAL = "equal"
+STOP_AT_OR_BELOW = "at-or-below"
+STOP_RULES = (STOP_EQUAL, STOP_AT_OR_BELOW)
+K_MAX = 1280  # (ref) the search also gives up when k reaches this (SD 1.4's widest value layer)
+
+
+def search_stops(theta: float, k: int, *, theta_min: float = 1.0, stop_rule: str = STOP_EQUAL,
+                 k_max: int = K_MAX) -> bool:
+    """The reference's give-up test, made after the decrement: `theta == 1 or k >= 1280`.
+
+    `equal` (ref) tests theta == theta_min exactly (the reference's literal 1 is its default
+    min_theta); `at-or-below` tests theta <= theta_min. With the default start 5 and step 0.25
+    (exact in binary) both stop at the same place; with a step that never lands on theta_min
+    exactly, `equal` runs on until k reaches k_max, as the reference would.
+    """
+    if stop_rule not in STOP_RULES:
+        raise ValueError(f"nemo.theta_stop must be one of {STOP_RULES}, got {stop_rule!r}")
+    hit = theta == theta_min if stop_rule == STOP_EQUAL else theta <= theta_min
+    return hit or k >= k_max
+
+
 def theta_k_schedule(
-    theta_start: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0, k_start: int = 0
+    theta_start: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0, k_start: int = 0,
+    *, stop_rule: str = STOP_EQUAL, k_max: int = K_MAX,
 ) -> list[tuple[float, int]]:
     """The (theta, k) pairs the initial search evaluates, in order (SPEC 6).
 
-    The search evaluates, and while s(B) > threshold decrements theta and increments k; it gives
-    up as soon as the decrement makes theta reach theta_min. Defaults: 16 pairs, (5, 0) to (1.25, 15).
-    Decrements are repeated subtractions, as the reference's loop does.
+    The search evaluates, and while s(B) > threshold decrements theta (only while theta >
+    theta_min) and increments k; it gives up as soon as the new (theta, k) meets `search_stops`.
+    Defaults: 16 pairs, (5, 0) to (1.25, 15). Decrements are repeated subtractions, as the
+    reference's loop does.
     """
     if theta_step <= 0:
         raise ValueError("theta_step must be positive")
+    if k_max < 1:
+        raise ValueError("k_max must be at least 1")
     out = []
     theta, k = float(theta_start), int(k_start)
     while True:
         out.append((theta, k))
-        theta -= theta_step
+        if theta > theta_min:
+            theta -= theta_step
         k += 1
-        if theta <= theta_min:
+        if search_stops(theta, k, theta_min=theta_min, stop_rule=stop_rule, k_max=k_max):
             return out
+
+
+def last_place(neurons: Sequence[int]) -> list[int]:
+    """Each neuron once, at its LAST place in the list (SPEC 6).
+
+    The reference lists a neuron that is both above theta and in the top-k twice; in its greedy
+    refinement, re-enabling the first copy leaves the neuron blocked by the second, so the first
+    copy goes and the neuron is in effect tested at its last place.
+    """
+    seen: set[int] = set()
+    out: list[int] = []
+    for j in reversed([int(x) for x in neurons]):
+        if j not in seen:
+            seen.add(j)
+            out.append(j)
+    return out[::-1]
 
 
 def select_neurons(
@@ -73,8 +116,9 @@ def select_neurons(
 ) -> NeuronSets:
     """Per layer: {j : |a_j - mu_j| / sigma_j > theta} ascending, then top-k(a) descending.
 
-    A neuron in both lists is kept once, at its first place. Ties in top-k keep the lower index
-    first (stable sort). sigma = 0 follows plain division (inf or nan), as the reference does.
+    A neuron in both lists is kept once, at its last place (`last_place`): in the top-k part. Ties
+    in top-k keep the lower index first (stable sort). sigma = 0 follows plain division (inf or
+    nan), as the reference does.
     """
     out: NeuronSets = {}
     for idx in sorted(acts):
@@ -82,10 +126,8 @@ def select_neurons(
         z = (a - stats.mean[idx]).abs() / stats.std[idx]
         chosen = torch.nonzero(z > theta).flatten().tolist()
         if k > 0:
-            order = torch.sort(a, descending=True, stable=True).indices[: min(k, a.numel())].tolist()
-            seen = set(chosen)
-            chosen += [j for j in order if j not in seen]
-        out[idx] = chosen
+            chosen += torch.sort(a, descending=True, stable=True).indices[: min(k, a.numel())].tolist()
+        out[idx] = last_place(chosen)
     return out
 
 
@@ -109,6 +151,12 @@ class InitialResult:
     evaluations: int  # candidate sets the reference would evaluate
     evaluated: int  # candidate sets actually evaluated (batched: may include later ones)
     calls: int  # evaluate_many calls
+    stop: str = ""  # the give-up test this search used (`stop_description`)
+
+
+def stop_description(theta_min: float = 1.0, stop_rule: str = STOP_EQUAL, k_max: int = K_MAX) -> str:
+    """The give-up test in words, for messages: 'theta == 1 or k >= 1280' (ref)."""
+    return f"theta {'==' if stop_rule == STOP_EQUAL else '<='} {theta_min:g} or k >= {k_max}"
 
 
 def initial_selection(
@@ -122,14 +170,19 @@ def initial_selection(
     theta_step: float = 0.25,
     theta_min: float = 1.0,
     k_start: int = 0,
+    stop_rule: str = STOP_EQUAL,
+    k_max: int = K_MAX,
 ) -> InitialResult:
     """SPEC 6 initial search; `batch` > 1 evaluates that many (theta, k) sets per call.
 
     The result is the first set in schedule order with s(B) <= threshold, which is what the
     one-at-a-time loop stops at, so batching changes only the number of calls. Identical
     consecutive sets (nothing new at the lower theta) are evaluated once per call.
+    The refinement threshold is `threshold`, or the kept set's s(B) when the search gave up; also
+    (the reference's loop) when a mitigating set's own (theta, k) already meets the give-up test,
+    which only a custom start can make happen.
     """
-    schedule = theta_k_schedule(theta_start, theta_step, theta_min, k_start)
+    schedule = theta_k_schedule(theta_start, theta_step, theta_min, k_start, stop_rule=stop_rule, k_max=k_max)
     cands = [select_neurons(acts, stats, th, k) for th, k in schedule]
     calls = evaluated = 0
     scores: list[float] = []
@@ -151,9 +204,12 @@ def initial_selection(
             i = len(scores) - 1
             if scores[i] <= threshold:
                 th, k = schedule[i]
-                return InitialResult(cands[i], scores[i], th, k, True, threshold, i + 1, evaluated, calls)
+                stops = search_stops(th, k, theta_min=theta_min, stop_rule=stop_rule, k_max=k_max)
+                return InitialResult(cands[i], scores[i], th, k, True, scores[i] if stops else threshold,
+                                     i + 1, evaluated, calls, stop_description(theta_min, stop_rule, k_max))
     th, k = schedule[-1]
-    return InitialResult(cands[-1], scores[-1], th, k, False, scores[-1], len(cands), evaluated, calls)
+    return InitialResult(cands[-1], scores[-1], th, k, False, scores[-1], len(cands), evaluated, calls,
+                         stop_description(theta_min, stop_rule, k_max))
 
 
 # ============================================================================ refinement
@@ -176,11 +232,9 @@ def _candidates(initial: Mapping[int, Sequence[int]]) -> list[_Cand]:
 
 
 def _check_initial(initial: Mapping[int, Sequence[int]]) -> NeuronSets:
-    sets = {int(i): [int(j) for j in v] for i, v in initial.items()}
-    for i, v in sets.items():
-        if len(set(v)) != len(v):
-            raise ValueError(f"layer {i}: initial neuron list has duplicates; keep each neuron once")
-    return sets
+    """The refinement's starting lists, each neuron once at its last place (`last_place`), so a
+    list in the reference's form (duplicates) is refined as the reference refines it."""
+    return {int(i): last_place(v) for i, v in initial.items()}
 
 
 @dataclass
@@ -206,6 +260,7 @@ def refine_sequential(
     Layers in reverse order (mid block first): re-enable the whole layer; if s < threshold still
     holds, drop the layer. Then each remaining layer in reverse order, each neuron in list order:
     re-enable it alone; if s < threshold still holds, drop it. Empty layers have nothing to test.
+    A neuron listed twice is tested once, at its last place.
     """
     state = _check_initial(initial_sets)
     score = initial_score
@@ -473,9 +528,12 @@ def localize(
     theta_step: float = 0.25,
     theta_min: float = 1.0,
     k_start: int = 0,
+    stop_rule: str = STOP_EQUAL,
+    k_max: int = K_MAX,
 ) -> LocalizeResult:
     """Initial selection then refinement (SPEC 6); batch 1 is the reference's call pattern."""
     init = initial_selection(acts, stats, evaluate_many, threshold=threshold, batch=batch,
-                             theta_start=theta_start, theta_step=theta_step, theta_min=theta_min, k_start=k_start)
+                             theta_start=theta_start, theta_step=theta_step, theta_min=theta_min, k_start=k_start,
+                             stop_rule=stop_rule, k_max=k_max)
     ref = refine(init.sets, evaluate_many, init.refine_threshold, batch=batch, initial_score=init.score)
     return LocalizeResult(init, ref, threshold)
