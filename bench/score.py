@@ -27,8 +27,11 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fbmem.jobs.runtime.cpu_allocator import default_cpu_block_bytes, retain_freed_memory  # noqa: E402
 from fbmem.jobs.core.region_similarity import score_pair_loop, score_pairs  # noqa: E402
+from fbmem.jobs.runtime.cpu_allocator import (  # noqa: E402
+    default_cpu_block_bytes,
+    retain_freed_memory,
+)
 
 
 def smooth_images(n: int, size: int, gen: torch.Generator, channels: int = 3) -> torch.Tensor:

@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+
 from fbmem.jobs.config import Config
 from fbmem.storage.database import Database
 from fbmem.storage.keys import sql_list

@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 
 import pyarrow as pa
+
 from fbmem.jobs.config import Config
 from fbmem.jobs.core.nemo_c import union_by_cluster
 from fbmem.jobs.runtime.run_record import RunRecord

@@ -172,7 +172,9 @@ class ClipImageEmbedder(_ClipActor):
     """
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from fbmem.pipelines.images import decode_image  # sibling module, imported where used
+        from fbmem.pipelines.images import (
+            decode_image,  # sibling module, imported where used
+        )
 
         n = batch.num_rows
         errors = column_or_nulls(batch, "error")

@@ -26,9 +26,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
+
 from fbmem.jobs.config import Config
 from fbmem.storage.keys import content_hash, stable_hash
-from PIL import Image
 
 MITIGATIONS = ("none", "nemo", "nemo-c")
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from fbmem.storage.keys import content_hash
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fbmem.storage.keys import content_hash
 
 USER_AGENT = "fbmem/0.1 (+image audit)"
 

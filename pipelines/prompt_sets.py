@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+
 from fbmem.storage.keys import content_hash
 
 PROMPT_SET_SCHEMA = pa.schema(

@@ -46,8 +46,8 @@ from PIL import Image
 
 from fbmem.jobs.config import Config, SegmenterConfig
 from fbmem.pipelines.clip_embedder import column_or_nulls, row_error, set_column
-from fbmem.pipelines.devices import pick_device
 from fbmem.pipelines.colour_segmenter import ColourForeground
+from fbmem.pipelines.devices import pick_device
 from fbmem.pipelines.masks import (
     border_coverage,
     decode_mask_png,
@@ -319,7 +319,9 @@ class SamSegmenter:
         self.min_side = cfg.ingest.min_side
 
     def _decode(self, data: bytes | None) -> Image.Image:
-        from fbmem.pipelines.images import decode_image  # sibling module, imported where used
+        from fbmem.pipelines.images import (
+            decode_image,  # sibling module, imported where used
+        )
 
         if data is None:
             raise ValueError("no image_bytes to segment")

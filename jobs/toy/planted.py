@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from fbmem.jobs.toy.corpus import FgSpec, unit_grid, to_uint8, shape_mask
+from fbmem.jobs.toy.corpus import FgSpec, shape_mask, to_uint8, unit_grid
 
 # ---------------------------------------------------------------------------------- planted test set
 
