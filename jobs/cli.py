@@ -374,7 +374,8 @@ def sql_cmd(
     param: Annotated[Optional[list[str]], typer.Option("--param", help="Query parameter k=v, used as $k (repeatable).")] = None,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Run SQL over the tables (DuckDB; every table is a view). Named queries: the sql/ folder."""
+    """Run read-only SQL over the tables (DuckDB; every table is a view; no file access: export with
+    --format and --out). Named queries: the sql/ folder."""
     from fbmem.jobs.sql_output import render
     from fbmem.storage.sql import load_query, query_params, run_query
 
