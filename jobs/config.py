@@ -106,12 +106,27 @@ class ResourcesConfig(_Strict):
 
 
 class IngestConfig(_Strict):
+    """Reading and validating images (pipelines/fetch.py, pipelines/images.py)."""
+
+    # --- decode: all checked from the header, before any pixel is decoded
     max_pixels: int = Field(89_478_485, ge=1)  # PIL's own decompression-bomb limit by default
     min_side: int = Field(32, ge=1)
+    max_side: int = Field(16_384, ge=1)  # longest side (WebP's own limit; wider than any camera)
+    max_aspect_ratio: float = Field(20.0, ge=1)  # longer side / shorter side
+    # larger images are validated decoded reduced (JPEG at 1/2..1/8 scale; others reduced before
+    # mode conversion); width/height stay the full size
+    decode_max_pixels: int = Field(4_194_304, ge=1)
     masks: Literal["eager", "lazy"] = "lazy"
     store_image_bytes: bool = True
     write_batch_rows: int = Field(512, ge=1)
-    http_timeout_s: float = Field(30.0, gt=0)
+    # --- fetch: each URI of a validate batch, concurrently
+    fetch_threads: int = Field(16, ge=1)  # threads per validate task
+    fetch_connect_timeout_s: float = Field(10.0, gt=0)
+    http_timeout_s: float = Field(30.0, gt=0)  # a read that gets no byte for this long fails
+    fetch_deadline_s: float = Field(60.0, gt=0)  # the whole fetch of one file, retries included
+    fetch_max_bytes: int = Field(32 * 2**20, ge=1)  # a larger file is an error row, never read whole
+    fetch_retries: int = Field(2, ge=0)  # retries of transient failures (reset, 5xx, 429, connect timeout)
+    fetch_backoff_s: float = Field(0.5, ge=0)  # first retry's wait; doubles each retry, +-50% jitter
 
 
 class FBMemConfig(_Strict):
