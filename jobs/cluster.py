@@ -1,4 +1,7 @@
-"""`fbmem cluster`: KMeans clusters of prompts, stored as `cluster_id` on each prompt row."""
+"""`fbmem cluster`: KMeans clusters of prompts, stored as `cluster_id` on each prompt row.
+
+The text encoder runs in Ray actors (`resources.cluster`); KMeans runs on the driver, over the
+vectors of the selected prompts only (a prompt set, not the training corpus)."""
 from __future__ import annotations
 
 import logging
@@ -18,17 +21,21 @@ def prompt_features(cfg: Config, prompts: pa.Table) -> np.ndarray:
     """The vectors KMeans sees: text-encoder hidden states flattened (ref) or CLIP text vectors.
 
     The hidden states come from the one prompt encoder NeMo and generation use
-    (jobs/core/prompt_encoding.py: StableDiffusionPipeline.encode_prompt's rules)."""
+    (jobs/core/prompt_encoding.py: StableDiffusionPipeline.encode_prompt's rules), computed by a
+    pool of `TextEncoderWorker` actors (`resources.cluster`; the encoder loads there, never on
+    the driver), `resources.cluster.batch_size` prompts per call. The driver holds the vectors of
+    the prompt set being clustered (hundreds to thousands of prompts), never of the corpus.
+    The CLIP vectors were stored at ingest."""
     if cfg.cluster.embedding == "open_clip":
         return np.asarray(prompts.column("embedding").to_pylist(), dtype=np.float32)
-    from fbmem.jobs.core.prompt_encoding import encode_prompts
-    from fbmem.pipelines.devices import pick_device
-    from fbmem.pipelines.diffusion_models import load_text_encoder
+    from fbmem.jobs.model_actors import text_encoder_pool
 
-    device = pick_device(cfg.resources.device)
-    tok, enc = load_text_encoder(cfg.models.diffusion, device)
-    hidden = encode_prompts(tok, enc, prompts.column("text").to_pylist()).float().cpu()
-    return hidden.reshape(hidden.shape[0], -1).numpy()
+    texts = prompts.column("text").to_pylist()
+    step = cfg.resources.cluster.batch_size
+    chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
+    with text_encoder_pool(cfg) as pool:
+        parts = dict(pool.map("features", chunks))
+    return np.concatenate([parts[i] for i in range(len(chunks))])
 
 
 def run_cluster(db: Database, cfg: Config, *, run: RunRecord, where: str | None = None) -> dict:

@@ -1,13 +1,20 @@
 """NeMo jobs (SPEC.md section 6): activation statistics, detection, neuron localization.
 
-These functions take a loaded pipeline (or the components dict of
-pipelines/diffusion_models.build_tiny_components) already on its device: model loading and the
-device choice (pipelines/devices.pick_device) stay with the caller. Each writes its rows and fills
-the RunRecord it is given (rows in/out, errors, metrics), like jobs/label.py. On a GPU the
-reference's numerics (nemo.gpu_numerics=autocast, the default) need the model in float32:
-`pipelines.diffusion_models.load_nemo_pipeline(cfg)` loads it so, and the jobs refuse fp16 weights under that setting.
+The model runs in Ray actors, never here: DESIGN.md, every model runs in an actor with declared
+resources (`resources.nemo`), so a CPU head node never loads the UNet. These functions plan
+(which prompts, which stored results still hold), hand the prompts to a pool of
+`DiffusionWorker` actors (jobs/model_actors.py; each loads the model in its constructor, on the
+device it finds there, in NeMo's dtype), and write the rows they build from what comes back. Each
+fills the RunRecord it is given (rows in/out, errors, metrics), like jobs/label.py.
 
-- `run_stats`: activations of a prompt set -> `neuron_stats` (per-neuron mean/std).
+`model` says where the model is: None, a pool of actors started for the call (what the CLI
+does); a `ModelPool` the caller keeps (the demo runs several steps on one); or a pipeline or
+components dict already in memory (tests, benchmarks), used in this process. Results are the
+same either way: the per-prompt work is the same function (jobs/core/nemo/evaluator.py).
+
+- `run_stats`: activations of a prompt set -> `neuron_stats` (per-neuron mean/std). The actors
+  return per-batch partial sums (ActivationAccumulator), added up here in batch order: the same
+  float64 sums, in the same order, as one process computing them.
 - `import_stats_csv`: the SD 1.4 reference file -> `neuron_stats` (checked against the UNet's
   value layers when one is given).
 - `run_detect`: per prompt, the noise-difference detection -> `nemo_prompts`.
@@ -15,14 +22,15 @@ reference's numerics (nemo.gpu_numerics=autocast, the default) need the model in
   layer and kind) and `nemo_prompts` (scores, theta/k, counts, criterion, UNet calls, message).
 
 The pure method lives in jobs/core/nemo/ (statistics, detection, search, hooks, and the
-UNet-side evaluator); this module only reads prompts, calls it, and writes rows.
+UNet-side evaluator); this module only reads prompts, hands them over, and writes rows.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +39,18 @@ import torch
 
 from fbmem.jobs.config import Config
 from fbmem.jobs.core.nemo.detection import Detection
-from fbmem.jobs.core.nemo.evaluator import (
-    check_numerics,
-    compute_stats,
-    detect_prompt,
-    localize_prompt,
-    outcome_message,
-    parts_of,
-)
+from fbmem.jobs.core.nemo.evaluator import outcome_message
 from fbmem.jobs.core.nemo.hooks import ValueLayer, find_value_layers
 from fbmem.jobs.core.nemo.search import NeuronSets, n_neurons
 from fbmem.jobs.core.nemo.statistics import (
+    ActivationAccumulator,
     NeuronStats,
     check_stats_layers,
     load_stats_csv,
 )
+from fbmem.jobs.model_actors import DiffusionWorker, LayerInfo, PromptOutcome, nemo_pool
 from fbmem.jobs.runtime.run_record import RunRecord
+from fbmem.pipelines.actor_pool import ModelPool
 from fbmem.storage.database import Database
 from fbmem.storage.errors import error_row
 
@@ -103,6 +107,36 @@ def _error_row(run: RunRecord, stage: str, prompt_id: str, reason: str) -> dict:
                      source_id=prompt_id, key=prompt_id)
 
 
+def _chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+# ============================================================================ the model, on actors
+
+
+@contextlib.contextmanager
+def nemo_model(cfg: Config, model: Any = None) -> Iterator[ModelPool]:
+    """The pool a NeMo job calls: `model` None (a pool of `resources.nemo` actors, made and closed
+    here), a `ModelPool` (the caller's, left open), or a pipeline / components dict in memory
+    (run in this process)."""
+    if isinstance(model, ModelPool):
+        yield model
+    elif model is None:
+        with nemo_pool(cfg) as pool:
+            yield pool
+    else:
+        yield ModelPool.in_process(DiffusionWorker(cfg, pipe=model), name="nemo")
+
+
+def model_layers(pool: ModelPool, cfg: Config) -> list[LayerInfo]:
+    """The value layers of the pool's model, once it is checked to be `cfg`'s model with weights
+    that can give nemo.gpu_numerics (before any prompt runs)."""
+    info = pool.call("info", cfg.nemo)
+    if info["model_id"] != cfg.models.diffusion.model_id:
+        raise ValueError(f"the NeMo workers hold {info['model_id']}, the settings name {cfg.models.diffusion.model_id}")
+    return info["layers"]
+
+
 # ============================================================================ statistics jobs
 
 
@@ -118,9 +152,30 @@ def stats_rows(stats: NeuronStats, model_id: str, run_id: str) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def run_stats(db: Database, cfg: Config, pipe: Any, prompts: Sequence[str], *, source: str,
+def _add_sums(total: ActivationAccumulator, part: ActivationAccumulator) -> None:
+    """Add one batch's partial sums (an accumulator of that batch alone) to `total`: the float64
+    additions `total.update(batch)` makes, so batches added in order give compute_stats' sums."""
+    for idx in part._s:  # the accumulator's own state: core has no merge yet
+        total._s[idx] = total._s.get(idx, 0) + part._s[idx]
+        total._ss[idx] = total._ss.get(idx, 0) + part._ss[idx]
+    total.n += part.n
+
+
+def _in_order(results: Iterator[tuple[int, Any]]) -> Iterator[Any]:
+    """Results that come back as (index, value) in any order, handed on in index order."""
+    waiting: dict[int, Any] = {}
+    nxt = 0
+    for i, value in results:
+        waiting[i] = value
+        while nxt in waiting:
+            yield waiting.pop(nxt)
+            nxt += 1
+
+
+def run_stats(db: Database, cfg: Config, model: Any, prompts: Sequence[str], *, source: str,
               run: RunRecord, batch_size: int = 64) -> NeuronStats:
-    """Compute and store `neuron_stats` for the loaded model over `prompts` (SPEC 6 statistics)."""
+    """Compute and store `neuron_stats` of the model over `prompts` (SPEC 6 statistics): batches of
+    `batch_size` prompts, one actor call each, whose partial sums are added up here in order."""
     prompts = [p for p in prompts]
     run.rows_in = len(prompts)
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
@@ -129,9 +184,14 @@ def run_stats(db: Database, cfg: Config, pipe: Any, prompts: Sequence[str], *, s
         run.metrics["skipped_empty_prompts"] = len(bad)
         skip = set(bad)
         prompts = [p for i, p in enumerate(prompts) if i not in skip]
-    parts = parts_of(pipe)
-    check_numerics(parts, cfg.nemo)
-    stats = compute_stats(parts, prompts, source=source, batch_size=batch_size, numerics=cfg.nemo.gpu_numerics)
+    acc = ActivationAccumulator()
+    with nemo_model(cfg, model) as pool:
+        layers = model_layers(pool, cfg)
+        for part in _in_order(pool.map("activation_sums", _chunks(prompts, batch_size), cfg.nemo)):
+            _add_sums(acc, part)
+    res = acc.result()
+    stats = NeuronStats({l.idx: l.name for l in layers}, {i: m for i, (m, _) in res.items()},
+                        {i: s for i, (_, s) in res.items()}, source=source, n_prompts=acc.n)
     run.rows_out = db.upsert("neuron_stats", stats_rows(stats, cfg.models.diffusion.model_id, run.run_id))
     run.metrics.update(layers=len(stats.mean), neurons=sum(stats.sizes().values()), n_prompts=stats.n_prompts,
                        stats_source=source)
@@ -139,11 +199,14 @@ def run_stats(db: Database, cfg: Config, pipe: Any, prompts: Sequence[str], *, s
 
 
 def import_stats_csv(db: Database, path: str | Path, model_id: str, run: RunRecord,
-                     unet: torch.nn.Module | None = None) -> NeuronStats:
-    """Store a statistics file (the SD 1.4 reference format); with `unet`, check it fits its layers."""
+                     unet: torch.nn.Module | None = None, layers: Sequence[LayerInfo] | None = None) -> NeuronStats:
+    """Store a statistics file (the SD 1.4 reference format); with `unet` (or its value `layers`,
+    from `model_layers`), check it fits its layers."""
     stats = load_stats_csv(path)
     if unet is not None:
-        check_stats_layers(stats, find_value_layers(unet))
+        layers = find_value_layers(unet)
+    if layers is not None:
+        check_stats_layers(stats, layers)
     run.rows_in = sum(stats.sizes().values())
     run.rows_out = db.upsert("neuron_stats", stats_rows(stats, model_id, run.run_id))
     run.metrics.update(layers=len(stats.mean), neurons=run.rows_in, stats_source=stats.source)
@@ -181,32 +244,49 @@ def _detect_row(cfg: Config, model_id: str, prompt_id: str, det: Detection, run_
             "memorized": det.memorized, "run_id": run_id}
 
 
-def run_detect(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Sequence[Mapping], run: RunRecord) -> int:
-    """Detection for each prompt row (prompt_id, text) -> `nemo_prompts`. Returns memorized count."""
-    parts = parts_of(pipe)
-    check_numerics(parts, cfg.nemo)
+def run_detect(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequence[Mapping], run: RunRecord) -> int:
+    """Detection for each prompt row (prompt_id, text) -> `nemo_prompts`. Returns memorized count.
+
+    Prompts go to the actors `resources.nemo.batch_size` at a time; rows are written every
+    `ingest.write_batch_rows` prompts and at the end."""
     model_id = cfg.models.diffusion.model_id
     rows = _prompt_rows(prompts)
     run.rows_in = len(rows)
-    out, errors, memorized = [], [], 0
-    for r in rows:
-        try:
-            setup = detect_prompt(parts, r["text"], cfg.nemo, cfg.generation.size)
-        except Exception as exc:  # noqa: BLE001 - one bad prompt is an error row, not a failed job
-            log.warning("detect %s: %s", r["prompt_id"], exc)
-            errors.append(_error_row(run, "detect", r["prompt_id"], f"detect: {exc}"))
-            continue
-        row = _detect_row(cfg, model_id, r["prompt_id"], setup.detection, run.run_id)
-        row["message"] = "memorized" if row["memorized"] else "not memorized: no sample's m_i above the threshold"
-        row["unet_calls"] = 1
-        memorized += int(row["memorized"])
-        out.append(row)
-    if out:
-        db.upsert("nemo_prompts", pa.Table.from_pylist(_keep_localization(db, out)))
-    if errors:
-        db.upsert("errors", pa.Table.from_pylist(errors))
-    run.rows_out, run.errors = len(out), run.errors + len(errors)
-    run.metrics.update(memorized=memorized, not_memorized=len(out) - memorized)
+    base_errors = run.errors
+    written = n_errors = memorized = 0
+    out: list[dict] = []
+
+    def flush() -> None:
+        nonlocal written
+        if out:
+            db.upsert("nemo_prompts", pa.Table.from_pylist(_keep_localization(db, out)))
+            written += len(out)
+            out.clear()
+
+    with nemo_model(cfg, model) as pool:
+        if rows:
+            model_layers(pool, cfg)  # the model and its numerics, before any prompt
+        chunks = _chunks(rows, cfg.resources.nemo.batch_size)
+        for _, outcomes in pool.map("detect", chunks, cfg.nemo, cfg.generation.size):
+            errors = []
+            for o in outcomes:
+                if o.error is not None:
+                    log.warning("detect %s: %s", o.prompt_id, o.error)
+                    errors.append(_error_row(run, "detect", o.prompt_id, o.error))
+                    continue
+                row = _detect_row(cfg, model_id, o.prompt_id, o.detection, run.run_id)
+                row["message"] = "memorized" if row["memorized"] else "not memorized: no sample's m_i above the threshold"
+                row["unet_calls"] = o.unet_calls
+                memorized += int(row["memorized"])
+                out.append(row)
+            if errors:
+                db.upsert("errors", pa.Table.from_pylist(errors))
+                n_errors += len(errors)
+            if len(out) >= cfg.ingest.write_batch_rows:
+                flush()
+    flush()
+    run.rows_out, run.errors = written, base_errors + n_errors
+    run.metrics.update(memorized=memorized, not_memorized=written - memorized)
     return memorized
 
 
@@ -235,7 +315,7 @@ def _keep_localization(db: Database, rows: list[dict]) -> list[dict]:
 
 
 def neuron_rows(cfg: Config, model_id: str, prompt_id: str, kind: str, sets: NeuronSets, score: float | None,
-                layers: Sequence[ValueLayer], stats_source: str, run_id: str) -> list[dict]:
+                layers: Sequence[ValueLayer | LayerInfo], stats_source: str, run_id: str) -> list[dict]:
     """One `neurons` row per value layer (empty lists included, so unions see every layer)."""
     return [{"neuron_set_id": neuron_set_id(model_id, prompt_id, kind, l.idx, cfg, stats_source), "scope": "prompt",
              "prompt_id": prompt_id, "cluster_id": None, "kind": kind, "layer_idx": l.idx, "module": l.name,
@@ -243,8 +323,9 @@ def neuron_rows(cfg: Config, model_id: str, prompt_id: str, kind: str, sets: Neu
              "run_id": run_id} for l in layers]
 
 
-def stored_localization(db: Database, cfg: Config, model_id: str, prompt_id: str, layers: Sequence[ValueLayer],
-                        stats_source: str, only_memorized: bool) -> dict | None:
+def stored_localization(db: Database, cfg: Config, model_id: str, prompt_id: str,
+                        layers: Sequence[ValueLayer | LayerInfo], stats_source: str,
+                        only_memorized: bool) -> dict | None:
     """The prompt's `nemo_prompts` row from an earlier run with these settings, if it still holds:
     a prompt detection did not flag (localizing only flagged ones), or a localized prompt whose
     initial and refined neuron rows for this statistics source were written by the same run."""
@@ -267,67 +348,89 @@ def stored_localization(db: Database, cfg: Config, model_id: str, prompt_id: str
     return row
 
 
-def run_localize(db: Database, cfg: Config, pipe: Any, prompts: pa.Table | Sequence[Mapping], stats: NeuronStats,
+def _localized_rows(cfg: Config, model_id: str, o: PromptOutcome, layers: Sequence[LayerInfo], stats_source: str,
+                    run_id: str) -> tuple[dict, list[dict]]:
+    """A prompt's `nemo_prompts` row and its `neurons` rows (none when it was not localized)."""
+    row = _detect_row(cfg, model_id, o.prompt_id, o.detection, run_id)
+    row["unet_calls"] = o.unet_calls
+    res = o.result
+    if res is None:
+        row["message"] = "not memorized: no sample's m_i above the threshold; nothing to localize"
+        return row, []
+    row.update(initial_score=res.initial.score, refined_score=res.refined_score, theta=res.initial.theta,
+               k=res.initial.k, n_initial=n_neurons(res.initial.sets), n_refined=n_neurons(res.refined.sets),
+               criterion_reached=res.criterion_reached, message=outcome_message(res))
+    nrows = (neuron_rows(cfg, model_id, o.prompt_id, "initial", res.initial.sets, res.initial.score, layers,
+                         stats_source, run_id)
+             + neuron_rows(cfg, model_id, o.prompt_id, "refined", res.refined.sets, res.refined_score, layers,
+                           stats_source, run_id))
+    return row, nrows
+
+
+def run_localize(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequence[Mapping], stats: NeuronStats,
                  run: RunRecord, batched: bool = True, only_memorized: bool = True,
                  max_unet_batch: int | None = None, force: bool = False) -> list[dict]:
-    """Detection + localization per prompt row -> `neurons` and `nemo_prompts`; returns the nemo rows.
+    """Detection + localization per prompt row -> `neurons` and `nemo_prompts`; returns the nemo
+    rows, in the order of `prompts`.
 
     Prompts that detection does not call memorized get a nemo_prompts row saying so and no neurons
     (unless only_memorized=False, which localizes every prompt against all its latents). The stats
     must fit this UNet's value layers (checked before any prompt runs). `max_unet_batch` caps the
     samples of one UNet forward (GPU memory); a capped call counts as several sequential calls.
     A prompt already localized with the same model, settings and statistics is reused (its stored
-    row is returned) unless `force`: the search is the costly part of a rerun.
+    row is returned) unless `force`: the search is the costly part of a rerun. Reuse is decided
+    here, before any actor starts, so a rerun with nothing new loads no model. The other prompts
+    go to the actors `resources.nemo.batch_size` at a time; each batch's rows are written when it
+    comes back (neurons first), so a killed run keeps what it did.
     """
-    parts = parts_of(pipe)
-    check_numerics(parts, cfg.nemo)
-    layers = find_value_layers(parts.unet)
-    check_stats_layers(stats, layers)
     model_id = cfg.models.diffusion.model_id
     rows = _prompt_rows(prompts)
     run.rows_in = len(rows)
-    out, errors = [], []
+    # the statistics' layers name the stored neuron rows (they must be the model's layers to be used)
+    stat_layers = [LayerInfo(i, stats.modules.get(i, ""), n) for i, n in sorted(stats.sizes().items())]
+    found: dict[int, dict] = {}
+    todo: list[tuple[int, dict]] = []
     calls = sets_eval = localized = reached = reused = 0
-    for r in rows:
-        pid = r["prompt_id"]
-        old = None if force else stored_localization(db, cfg, model_id, pid, layers, stats.source, only_memorized)
-        if old is not None:
-            reused += 1
-            localized += int(old["n_initial"] is not None)
-            reached += int(bool(old["criterion_reached"]))
-            out.append(old)
+    for pos, r in enumerate(rows):
+        old = None if force else stored_localization(db, cfg, model_id, r["prompt_id"], stat_layers, stats.source,
+                                                     only_memorized)
+        if old is None:
+            todo.append((pos, r))
             continue
-        try:
-            setup = detect_prompt(parts, r["text"], cfg.nemo, cfg.generation.size)
-            keep_all = None if (only_memorized or setup.detection.memorized) else torch.ones_like(setup.detection.retained)
-            loc = localize_prompt(parts, r["text"], stats, cfg.nemo, cfg.generation.size, batched=batched,
-                                  retained=keep_all, setup=setup, max_unet_batch=max_unet_batch)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("localize %s: %s", pid, exc)
-            errors.append(_error_row(run, "localize", pid, f"localize: {exc}"))
-            continue
-        row = _detect_row(cfg, model_id, pid, setup.detection, run.run_id)
-        row["unet_calls"] = loc.unet_calls
-        calls += loc.unet_calls
-        sets_eval += loc.sets_evaluated
-        if loc.result is None:
-            row["message"] = "not memorized: no sample's m_i above the threshold; nothing to localize"
-        else:
-            res = loc.result
-            localized += 1
-            reached += int(res.criterion_reached)
-            row.update(initial_score=res.initial.score, refined_score=res.refined_score, theta=res.initial.theta,
-                       k=res.initial.k, n_initial=n_neurons(res.initial.sets), n_refined=n_neurons(res.refined.sets),
-                       criterion_reached=res.criterion_reached, message=outcome_message(res))
-            nrows = (neuron_rows(cfg, model_id, pid, "initial", res.initial.sets, res.initial.score, layers,
-                                 stats.source, run.run_id)
-                     + neuron_rows(cfg, model_id, pid, "refined", res.refined.sets, res.refined_score, layers,
-                                   stats.source, run.run_id))
-            db.upsert("neurons", pa.Table.from_pylist(nrows))
-        out.append(row)
-        db.upsert("nemo_prompts", pa.Table.from_pylist([row]))  # per prompt: a killed run keeps what it did
+        reused += 1
+        localized += int(old["n_initial"] is not None)
+        reached += int(bool(old["criterion_reached"]))
+        found[pos] = old
+    errors = []
+    if todo:
+        with nemo_model(cfg, model) as pool:
+            layers = model_layers(pool, cfg)
+            check_stats_layers(stats, layers)
+            chunks = _chunks(todo, cfg.resources.nemo.batch_size)
+            results = pool.map("localize", [[r for _, r in c] for c in chunks], stats, cfg.nemo, cfg.generation.size,
+                               batched=batched, only_memorized=only_memorized, max_unet_batch=max_unet_batch)
+            for ci, outcomes in results:
+                prompt_rows, nrows = [], []
+                for (pos, _), o in zip(chunks[ci], outcomes):
+                    if o.error is not None:
+                        log.warning("localize %s: %s", o.prompt_id, o.error)
+                        errors.append(_error_row(run, "localize", o.prompt_id, o.error))
+                        continue
+                    row, nr = _localized_rows(cfg, model_id, o, layers, stats.source, run.run_id)
+                    calls += o.unet_calls
+                    sets_eval += o.sets_evaluated
+                    localized += int(o.result is not None)
+                    reached += int(o.result is not None and o.result.criterion_reached)
+                    prompt_rows.append(row)
+                    nrows += nr
+                    found[pos] = row
+                if nrows:
+                    db.upsert("neurons", pa.Table.from_pylist(nrows))
+                if prompt_rows:  # after its neurons: a stored row always has them
+                    db.upsert("nemo_prompts", pa.Table.from_pylist(prompt_rows))
     if errors:
         db.upsert("errors", pa.Table.from_pylist(errors))
+    out = [found[pos] for pos in sorted(found)]
     run.rows_out, run.errors = len(out), run.errors + len(errors)
     run.metrics.update(localized=localized, criterion_reached=reached, unet_calls=calls, sets_evaluated=sets_eval,
                        batched=batched, stats_source=stats.source, reused=reused)

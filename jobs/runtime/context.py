@@ -1,12 +1,14 @@
 """One job context for every command of the CLI and for the demo.
 
 Every job starts the same way: the settings (defaults < preset < YAML file < `--set` < the
-command's own flags), the database they name, Ray when the job runs actors, the audited diffusion
-model when it needs one, and a row in `runs` around the work. `JobContext` is that preamble,
-written once: a command (or a step of `fbmem demo`) builds one, calls its job and prints the job's
-summary; what it does not ask for (the database, Ray, the model) is never started.
+command's own flags), the database they name, Ray when the job runs actors, and a row in `runs`
+around the work. `JobContext` is that preamble, written once: a command (or a step of `fbmem
+demo`) builds one, calls its job and prints the job's summary; what it does not ask for (the
+database, Ray) is never started. It holds no model: every model runs in a Ray actor with the
+stage's declared resources (DESIGN.md), so the driver, which may sit on a CPU head node, loads
+none.
 
-Imports of storage, Ray and the model code happen on first use, so `fbmem --help` stays fast.
+Imports of storage and Ray happen on first use, so `fbmem --help` stays fast.
 """
 from __future__ import annotations
 
@@ -38,12 +40,11 @@ def parse_assignments(items: Iterable[str] | None, flag: str = "--set") -> dict[
 @dataclass
 class JobContext:
     """The settings of one job and what they open: the database (connected on first use), Ray,
-    the audited pipeline (loaded once), and a `runs` record per job."""
+    and a `runs` record per job."""
 
     cfg: Config
     db_uri: str
     _db: Database | None = field(default=None, init=False, repr=False)
-    _pipeline: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_options(
@@ -73,14 +74,6 @@ class JobContext:
         from fbmem.jobs.runtime.ray_session import ensure_ray
 
         ensure_ray(self.cfg)
-
-    def pipeline(self) -> Any:
-        """The audited diffusion pipeline (`models.diffusion`) in NeMo's dtype, loaded on first use and kept."""
-        if self._pipeline is None:
-            from fbmem.pipelines.diffusion_models import load_nemo_pipeline
-
-            self._pipeline = load_nemo_pipeline(self.cfg)
-        return self._pipeline
 
     def run(self, job: str, args: Mapping[str, Any] | None = None) -> RunRecord:
         """The `runs` row of one job, as a context manager: `with ctx.run("label", {...}) as run:`.

@@ -9,7 +9,9 @@ is real and known.
    Ray, a `runs` row), with local Ray and a LanceDB folder: ingest (CLIP embeddings; the corpus's
    exact masks as given), prompts, clustering of the memorized prompts, generation of N seeded
    samples per prompt, FB-Mem labels, NeMo statistics / detection / localization, NeMo and NeMo-C mitigation
-   with regeneration and relabelling, the mitigation scores, and the HTML report.
+   with regeneration and relabelling, the mitigation scores, and the HTML report. Every model
+   runs in a Ray actor (the pipelines' Ray Data actors; NeMo's model and the controls in
+   `DiffusionWorker` actors, jobs/model_actors.py), never in this process.
 Settings: the base preset (tiny) with the demo's layer `jobs/presets/demo.yaml` over it.
 The tables it prints are named queries of `sql/`, runnable with `fbmem sql NAME --db OUT/db`.
 Models: the trained toy diffusion model (its own text encoder is frozen and random, as SD's is
@@ -21,7 +23,6 @@ rerun-safe job: a second demo reuses what it finds.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from fbmem.jobs.core.label_rule import LABELS, NM, VM
 from fbmem.jobs.runtime.context import JobContext
 from fbmem.jobs.sql_output import format_table
 from fbmem.jobs.toy.corpus import ToyCorpusSpec, build_corpus, write_corpus
+from fbmem.pipelines.actor_pool import ModelPool
 from fbmem.storage.database import Database
 from fbmem.storage.keys import sql_list, sql_literal
 from fbmem.storage.sql import run_named_query
@@ -133,33 +135,37 @@ def _baseline_samples(db: Database, prompt_id: str, n: int) -> list[np.ndarray] 
     return [np.asarray(Image.open(io.BytesIO(by_sample[i])).convert("RGB")) for i in range(n)]
 
 
-def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int = 2, seed: int = 0) -> str | None:
+def random_neuron_control(db: Database, cfg: Config, pool: ModelPool, corpus, *, draws: int = 2,
+                          seed: int = 0) -> str | None:
     """NeMo-C against chance: the VM prompts' samples with nothing off (the audited samples
     themselves, read back), with their cluster's union off, and with random neuron sets of the
     same size per layer (TOY.md: report a random-neuron control). Scored like `fbmem toy train`'s
     check (the toy world's exact masks, full MS-SSIM > tau), because random sets have no place in
-    the generations table."""
+    the generations table. The images are made by `pool`'s `DiffusionWorker` actors (the random
+    sets are drawn here first, in the same order as ever), never in this process."""
     import random
 
-    from fbmem.jobs.core.nemo.hooks import deactivate, find_value_layers
     from fbmem.jobs.core.nemo_c import union_by_cluster
     from fbmem.jobs.mitigate import refined_sets
     from fbmem.jobs.toy.train import score_generations
-    from fbmem.pipelines.generator import generate_images, sample_seed
+    from fbmem.pipelines.generator import sample_seed
 
     model_id = cfg.models.diffusion.model_id
     refined = refined_sets(db, model_id)
     clusters = {r["prompt_id"]: r["cluster_id"] for r in db.read("prompts", ["prompt_id", "cluster_id"]).to_pylist()}
     unions = union_by_cluster(refined, clusters)
-    widths = {l.idx: l.out_features for l in find_value_layers(pipe.unet)}
     rng = random.Random(seed)
     tau = cfg.fbmem.thresholds[0]
-    hits: dict[str, list[bool]] = {}
     g = cfg.generation
+    widths: dict[int, int] | None = None
+    cases: list[tuple[str, str, list[int], list[np.ndarray] | None]] = []  # (condition, text, seeds, images)
+    jobs: list[dict] = []  # the images to make, in the order of `cases` that have none
     for p in db.read("prompts", ["prompt_id", "text", "cluster_id"], where=f"planted = {sql_literal(VM)}").to_pylist():
         union = unions.get(p["cluster_id"])
         if not union:
             continue
+        if widths is None:
+            widths = {l.idx: l.out_features for l in pool.call("info", cfg.nemo)["layers"]}
         seeds = [sample_seed(g.base_seed, p["prompt_id"], i) for i in range(g.n)]  # the demo's own samples
         conds = {"nothing off": None, "NeMo-C union": union}
         for k in range(draws):
@@ -167,15 +173,35 @@ def random_neuron_control(db: Database, cfg: Config, pipe, corpus, *, draws: int
         for name, neurons in conds.items():
             images = _baseline_samples(db, p["prompt_id"], g.n) if neurons is None else None
             if images is None:
-                with deactivate(pipe.unet, neurons or {}, alpha=cfg.nemo.alpha) if neurons else contextlib.nullcontext():
-                    images = generate_images(pipe, [p["text"]] * len(seeds), seeds, steps=g.steps,
-                                             guidance=g.guidance, size=g.size)
-            rows = score_generations(corpus, [(p["text"], s, im) for s, im in zip(seeds, images)])["rows"]
-            hits.setdefault(name, []).extend(r["full"] > tau for r in rows)
+                jobs.append({"prompts": [p["text"]] * len(seeds), "seeds": seeds, "neurons": neurons or {},
+                             "alpha": cfg.nemo.alpha, "steps": g.steps, "guidance": g.guidance, "size": g.size})
+            cases.append((name, p["text"], seeds, images))
+    made = dict(pool.map("generate", jobs))
+    hits: dict[str, list[bool]] = {}
+    j = 0
+    for name, text, seeds, images in cases:
+        if images is None:
+            images, j = made[j], j + 1
+        rows = score_generations(corpus, [(text, s, im) for s, im in zip(seeds, images)])["rows"]
+        hits.setdefault(name, []).extend(r["full"] > tau for r in rows)
     if not hits:
         return None
     return ("control, VM prompts with a NeMo-C union (exact masks, full MS-SSIM > "
             f"{tau:g}): " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in hits.items()))
+
+
+def toy_model_check(model_dir: Path, corpus) -> dict:
+    """`fbmem toy train`'s memorization check (jobs/toy/train.memorization_check) on the trained
+    model, run next to the model in one `DiffusionWorker` actor with the demo's settings (local Ray,
+    or `resources.ray_address`), never in this process."""
+    from fbmem.jobs.config import load_config
+    from fbmem.jobs.model_actors import nemo_pool
+    from fbmem.jobs.toy.train import memorization_check
+
+    job = JobContext(demo_config(load_config(preset="tiny"), model_dir), "")
+    job.ensure_ray()
+    with nemo_pool(job.cfg, pool_size=1) as pool:
+        return pool.call("apply", memorization_check, corpus)
 
 
 def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = None,
@@ -188,6 +214,7 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     from fbmem.jobs.ingest import ingest_images, ingest_prompts
     from fbmem.jobs.label import format_distribution, run_label_job
     from fbmem.jobs.mitigate import run_mitigate
+    from fbmem.jobs.model_actors import nemo_pool
     from fbmem.jobs.nemo import prompt_set_source, read_stats, run_localize, run_stats
     from fbmem.jobs.report import write_report
     from fbmem.jobs.toy.train import ToyTrainSpec, ensure_toy_model
@@ -233,36 +260,36 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     print(f"labels: {format_distribution(dist)}")
 
     _step("NeMo: statistics, detection, localization")
-    pipe = job.pipeline()
     model_id = cfg.models.diffusion.model_id
     ordinary = db.read("prompts", ["text"], where=ORDINARY).column(0).to_pylist()
     source = prompt_set_source(ordinary)
     have = db.count("neuron_stats", f"model_id = {sql_literal(model_id)} AND stats_source = {sql_literal(source)}")
     with job.run("nemo-stats", {"prompts": ORDINARY}) as run:
         if not have:
-            run_stats(db, cfg, pipe, ordinary, source=source, run=run)
+            run_stats(db, cfg, None, ordinary, source=source, run=run)  # on its own actors
     stats = read_stats(db, model_id, source)
     prompts = db.read("prompts", ["prompt_id", "text"])
-    with job.run("nemo-localize", {"prompts": "all"}) as run:
-        nemo_rows = run_localize(db, cfg, pipe, prompts, stats, run, batched=True, only_memorized=True)
-    table, auc = detection_summary(db)
-    print(table)
-    localized = [r for r in nemo_rows if r.get("n_initial") is not None]
-    reached = sum(bool(r.get("criterion_reached")) for r in localized)
-    print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
-          f"not reached (search gave up, set kept) for {len(localized) - reached}")
-    print(nemo_outcomes(db))
-    if localized and reached < len(localized):
-        # Is the criterion reachable at all? Switch every value neuron off for each prompt.
-        from fbmem.jobs.core.nemo.evaluator import all_off_score, parts_of
-
-        texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("text").to_pylist()))
-        parts = parts_of(pipe)
-        floor = [all_off_score(parts, texts[r["prompt_id"]], cfg.nemo, cfg.generation.size) for r in localized]
-        print(f"control: with ALL value neurons off, s(B) is {min(floor):.3f}-{max(floor):.3f} for these prompts "
-              f"(criterion: <= {cfg.nemo.threshold:g}); "
-              + ("the criterion is out of reach in this model at t_1, whatever neurons are chosen"
-                 if min(floor) > cfg.nemo.threshold else "so the criterion is reachable for some"))
+    # The model's actors (resources.nemo) for localization and the control after it; started on
+    # first use, so a rerun that reuses every result and needs no control starts none.
+    with nemo_pool(cfg) as pool:
+        with job.run("nemo-localize", {"prompts": "all"}) as run:
+            nemo_rows = run_localize(db, cfg, pool, prompts, stats, run, batched=True, only_memorized=True)
+        table, auc = detection_summary(db)
+        print(table)
+        localized = [r for r in nemo_rows if r.get("n_initial") is not None]
+        reached = sum(bool(r.get("criterion_reached")) for r in localized)
+        print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
+              f"not reached (search gave up, set kept) for {len(localized) - reached}")
+        print(nemo_outcomes(db))
+        if localized and reached < len(localized):
+            # Is the criterion reachable at all? Switch every value neuron off for each prompt.
+            texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("text").to_pylist()))
+            floor = [score for _, score in pool.map("all_off_score", [texts[r["prompt_id"]] for r in localized],
+                                                    cfg.nemo, cfg.generation.size)]
+            print(f"control: with ALL value neurons off, s(B) is {min(floor):.3f}-{max(floor):.3f} for these prompts "
+                  f"(criterion: <= {cfg.nemo.threshold:g}); "
+                  + ("the criterion is out of reach in this model at t_1, whatever neurons are chosen"
+                     if min(floor) > cfg.nemo.threshold else "so the criterion is reachable for some"))
 
     results = {}
     for method in ("nemo", "nemo-c"):
@@ -279,7 +306,8 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
 
     if "nemo-c" in results:
         _step("control: NeMo-C's neurons against random neurons")
-        line = random_neuron_control(db, cfg, pipe, corpus)
+        with nemo_pool(cfg) as pool:
+            line = random_neuron_control(db, cfg, pool, corpus)
         if line:
             print(line)
 

@@ -74,17 +74,16 @@ def test_one_prompt_encoder_for_nemo_clustering_and_generation(components, tiny_
     config asks for it."""
     import copy
 
-    import pyarrow as pa
-
-    from fbmem.jobs.cluster import prompt_features
     from fbmem.jobs.core.prompt_encoding import encode_prompts as shared
+    from fbmem.jobs.model_actors import TextEncoderWorker
     from fbmem.pipelines.diffusion_models import assemble_pipeline
 
     texts = ["a red star on stripes", "a photo of a blue ring on a long table at night"]
     tok, enc = components["tokenizer"], components["text_encoder"]
     e = shared(tok, enc, texts)
     assert torch.equal(e, encode_prompts(parts_of(components), texts))  # NeMo
-    feats = prompt_features(tiny_cfg, pa.table({"text": texts}))  # clustering (same seeded tiny encoder)
+    # clustering: what its actors (jobs/cluster.prompt_features) compute, here in-process (same seeded tiny encoder)
+    feats = TextEncoderWorker(tiny_cfg).features(texts)
     assert tiny_cfg.models.diffusion.tiny and tiny_cfg.models.diffusion.seed == 0
     assert torch.equal(torch.from_numpy(feats), e.reshape(2, -1))
     assert shared(tok, enc, [""]).shape == (1, 77, TinySpec().text_width)  # the unconditional branch is allowed
