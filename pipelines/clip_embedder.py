@@ -155,6 +155,8 @@ class _ClipActor:
         self.dim = embedding_dim(self.model, self.tokenizer)
         self.max_pixels = cfg.ingest.max_pixels
         self.min_side = cfg.ingest.min_side
+        from fbmem.pipelines.actors import record_model_node  # imports Ray: only in actors
+        record_model_node("embed")
 
     def _finish(self, batch: pa.Table, vectors: np.ndarray, valid: np.ndarray) -> pa.Table:
         # embedding_model is null where there is no vector: it says which model made *this* value.

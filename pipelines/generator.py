@@ -253,6 +253,8 @@ class Generator:
         self.dtype = resolve_dtype(self.gen.dtype, self.device)
         self.pipe = load_pipeline(cfg.models.diffusion, self.device, self.dtype)
         self.deactivate = deactivate
+        from fbmem.pipelines.actors import record_model_node  # imports Ray: only in actors
+        record_model_node("generate")
 
     def _run(self, prompts: list[str], seeds: list[int], neurons: dict[int, list[int]], alpha: float | None):
         kw = dict(steps=self.gen.steps, guidance=self.gen.guidance, size=self.gen.size)

@@ -317,6 +317,8 @@ class SamSegmenter:
         self.max_side = seg.max_side
         self.max_pixels = cfg.ingest.max_pixels
         self.min_side = cfg.ingest.min_side
+        from fbmem.pipelines.actors import record_model_node  # imports Ray: only in actors
+        record_model_node("segment")
 
     def _decode(self, data: bytes | None) -> Image.Image:
         from fbmem.pipelines.images import (

@@ -3,11 +3,16 @@
 A run is opened before work starts (status `running`) so a killed job leaves a trace, and
 closed with counts, seconds and status. The same counts make the printed summary line, so the
 table and the console never disagree.
+
+When Ray is running, a closed run's metrics also say which nodes ran its model actors:
+`model_nodes: {stage: sorted Ray node ids}` (recorded by the actors, see pipelines/actors.py).
+A process without Ray pays nothing for this: Ray is not even imported.
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import traceback
 import uuid
@@ -22,6 +27,38 @@ from fbmem.storage.database import Database
 from fbmem.storage.schema import now_utc
 
 log = logging.getLogger(__name__)
+
+
+def _ray_running() -> bool:
+    """Ray initialised in this process, found without importing it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _nodes_mark() -> int:
+    """Where a run's entries start in the job's model-node registry (0 without Ray)."""
+    if not _ray_running():
+        return 0
+    try:
+        from fbmem.pipelines.actors import model_nodes_mark
+
+        return model_nodes_mark()
+    except Exception:  # bookkeeping; the run itself matters more
+        log.warning("could not read the model-node registry", exc_info=True)
+        return 0
+
+
+def _nodes_since(start: int) -> dict[str, list[str]]:
+    """`{stage: sorted node ids}` of the model actors constructed since `start` ({} without Ray)."""
+    if not _ray_running():
+        return {}
+    try:
+        from fbmem.pipelines.actors import model_nodes_since
+
+        return model_nodes_since(start)
+    except Exception:  # as above
+        log.warning("could not read the model-node registry", exc_info=True)
+        return {}
 
 
 def new_run_id(job: str) -> str:
@@ -41,6 +78,7 @@ class RunRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0
     started_at: datetime | None = None
+    _nodes_from: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run_id = self.run_id or new_run_id(self.job)
@@ -57,7 +95,7 @@ class RunRecord:
                 "rows_out": [self.rows_out],
                 "errors": [self.errors],
                 "seconds": [time.perf_counter() - self.started],
-                "config_json": [self.cfg.to_json()],
+                "config_json": [self.cfg.to_record_json()],
                 "args_json": [json.dumps(self.args, default=str, sort_keys=True)],
                 "metrics_json": [json.dumps(self.metrics, default=str, sort_keys=True)],
                 "message": [message],
@@ -67,10 +105,14 @@ class RunRecord:
     def __enter__(self) -> "RunRecord":
         self.started = time.perf_counter()
         self.started_at = now_utc()
+        self._nodes_from = _nodes_mark()
         self.db.upsert("runs", self._row("running", None, finished=False))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        nodes = _nodes_since(self._nodes_from)
+        if nodes:
+            self.metrics["model_nodes"] = nodes
         if exc is None:
             self.db.upsert("runs", self._row("ok", None, finished=True))
             print(self.summary("ok"), flush=True)
