@@ -30,6 +30,23 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with one bucket, for the session: `.uri` (`s3://bucket`; put
+    each database under its own prefix), `.storage_options` (endpoint, region, dummy keys,
+    allow_http), `.client()` (boto3). The server is a subprocess in its own process group, stopped
+    at the end. Dummy AWS variables are set meanwhile so nothing looks for real credentials or
+    probes the network (also in the Ray workers of modules that start Ray after this fixture)."""
+    from s3_server import DUMMY_AWS_ENV, S3Server
+
+    log = tmp_path_factory.mktemp("s3") / "conditional_puts.log"
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in DUMMY_AWS_ENV.items():
+            env.setenv(key, value)
+        with S3Server(conditional_log=log) as server:
+            yield server
+
+
+@pytest.fixture(scope="session")
 def tiny_cfg():
     from fbmem.jobs.config import load_config
 
