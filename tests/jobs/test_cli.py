@@ -74,7 +74,7 @@ def test_choices_come_from_the_config_and_their_owners():
     assert get_args(cli.SourceKind) == get_args(SourceKind)
     assert get_args(cli.Mitigation) == MITIGATIONS
     assert get_args(cli.Method) == tuple(m for m in MITIGATIONS if m != "none")
-    out = fbmem("label", "--db", "x", "--metric", "bogus", code=2)
+    out = fbmem("label", "--db", "x", "--metric", "bogus", code=1)  # usage error (README: exit codes)
     assert "masked-view" in out
 
 
@@ -100,11 +100,11 @@ def test_assignments_are_yaml_values_and_a_missing_equals_sign_is_named():
         parse_assignments(["oops"], "--param")
 
 
-def test_user_errors_are_one_line_and_exit_2(tmp_path):
+def test_user_errors_are_one_line_with_their_exit_code(tmp_path):
     db = str(tmp_path / "db")
     out = fbmem("ingest", "prompts", "memorised-laion", "--db", db, code=2)
     assert "error: memorised-laion: no such file" in out and "memorized-laion, ordinary-laion" in out
-    out = fbmem("tables", "--db", db, "--set", "fbmem.tau=3", code=2)
+    out = fbmem("tables", "--db", db, "--set", "fbmem.tau=3", code=1)  # config error
     assert "error: invalid config" in out and "fbmem.tau" in out
     out = fbmem("sql", "top_matches", "--db", db, "--param", "nope=1", code=2)
     assert "error: unknown --param nope" in out
