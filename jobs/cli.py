@@ -6,12 +6,19 @@ once below as `Annotated` aliases. A command builds one `JobContext` from them (
 database, Ray when the job runs actors, a row in `runs`), calls its job and prints the job's
 summary; `fbmem demo` runs its jobs through the same context. The choices of an option that is a
 setting are the config's own `Literal` values, so the CLI and the config accept the same words.
+
+A command that fails prints one line on stderr and exits with a documented code (jobs/errors.py):
+1 usage or config, 2 bad input, 3 all inputs failed (or over --max-error-rate), 4 internal. The
+traceback only with `--debug` (anywhere on the line) or FBMEM_LOG=DEBUG.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import tempfile
+import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -23,45 +30,109 @@ from typer.core import TyperGroup
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fbmem.jobs.config import CandidatesConfig, ClusterConfig, FBMemConfig, IngestConfig  # noqa: E402
+from fbmem.jobs.errors import (  # noqa: E402
+    ExitCode,
+    InputError,
+    check_error_rate,
+    classify,
+    click_exceptions,
+)
 from fbmem.jobs.runtime.context import JobContext, parse_assignments  # noqa: E402
 from fbmem.pipelines.reference_data import PROMPT_SETS, STATISTICS  # noqa: E402
 
 log = logging.getLogger("fbmem")
 
 
-def _user_error(exc: BaseException) -> bool:
-    """A mistake in what was asked (a setting, a file or a name, data that does not fit the
-    model), reported as one line rather than a traceback."""
-    kinds: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-    storage = sys.modules.get("fbmem.storage.database")  # no StorageError unless storage was used
-    if storage is not None:
-        kinds += (storage.StorageError,)
-    return isinstance(exc, kinds)
+def _debug(ctx: typer.Context | None) -> bool:
+    """`--debug` (anywhere on the command line) or FBMEM_LOG=DEBUG: print tracebacks."""
+    return bool(ctx is not None and ctx.find_root().params.get("debug")) or \
+        os.environ.get("FBMEM_LOG", "").upper() == "DEBUG"
+
+
+def _traceback_file(exc: BaseException) -> str:
+    """Write the traceback of an internal error to a file; where it went (or why it could not)."""
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    path = Path(tempfile.gettempdir()) / f"fbmem-traceback-{stamp}-{os.getpid()}.txt"
+    try:
+        path.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    except OSError as err:
+        return f"the traceback could not be written ({err})"
+    return f"the traceback is in {path}"
+
+
+def _fail(exc: BaseException, ctx: typer.Context | None) -> int:
+    """Print the one line of `exc` on stderr (after its traceback with --debug); its exit code."""
+    failure = classify(exc)
+    debug = _debug(ctx)
+    if debug:
+        typer.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(), err=True)
+    if failure.internal:
+        where = "printed above" if debug else f"{_traceback_file(exc)}; --debug prints it"
+        line = (f"internal error (a bug in fbmem, not in your input): {type(exc).__name__}: "
+                f"{failure.message[:500]}; {where}")
+    else:
+        line = f"error: {failure.message}"
+    typer.secho(line, fg=typer.colors.RED, err=True)
+    return int(failure.code)
+
+
+# how a command asks to end (typer's own, and click's where typer still runs on click); no arguments
+# at all: the help, exit 1
+_EXITS = (typer.Exit, typer.Abort, *(getattr(click_exceptions, n) for n in ("Exit", "Abort") if hasattr(click_exceptions, n)))
+_NO_ARGS = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
 
 class _Commands(TyperGroup):
-    """Every command's user errors end as `error: ...` and exit status 2 (the traceback is logged
-    at DEBUG: FBMEM_LOG=DEBUG shows it)."""
+    """Every command ends in one line on stderr and a documented exit code (jobs/errors.py):
+    1 usage/config, 2 input, 3 inputs failed, 4 internal (its traceback goes to a file). The
+    traceback is printed only with --debug (anywhere on the line) or FBMEM_LOG=DEBUG."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        args = list(args)
+        if "--debug" in args[: args.index("--") if "--" in args else len(args)]:
+            # a global option, taken anywhere on the line: `fbmem sql ... --debug` as well
+            args = ["--debug", *[a for a in args if a != "--debug"]]
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click_exceptions.UsageError as exc:  # the top level's own options
+            if isinstance(exc, _NO_ARGS):
+                exc.exit_code = ExitCode.USAGE
+                raise
+            raise typer.Exit(_fail(exc, None)) from None
 
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except Exception as exc:
-            if not _user_error(exc):
+        except _EXITS:
+            raise
+        except Exception as exc:  # every error ends as one line and a code
+            if isinstance(exc, _NO_ARGS):  # `fbmem ingest`
+                exc.exit_code = ExitCode.USAGE
                 raise
-            log.debug("command failed", exc_info=True)
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(_fail(exc, ctx)) from None
 
 
 app = typer.Typer(
     cls=_Commands,
     help="fbmem: audit text-to-image diffusion models for foreground/background memorization "
     "(FB-Mem) and mitigate it (NeMo-C). Results live in LanceDB tables; query them with `fbmem sql`.",
+    epilog="Exit codes: 0 ok, 1 usage or config, 2 bad input, 3 all inputs failed (or over --max-error-rate), "
+    "4 internal error (its traceback goes to a file; --debug prints it).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error, and fbmem's debug log "
+                                        "(also FBMEM_LOG=DEBUG). Taken anywhere on the line.")] = False,
+) -> None:
+    if debug:
+        logging.getLogger("fbmem").setLevel(logging.DEBUG)
+
+
 ingest_app = typer.Typer(help="Ingest training images, generations or prompts.", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
 toy_app = typer.Typer(help="The toy world: a small diffusion model that memorizes planted groups.", no_args_is_help=True)
@@ -84,8 +155,19 @@ Mitigation = Literal["none", "nemo", "nemo-c"]
 Method = Literal["nemo", "nemo-c"]
 OutFormat = Literal["table", "csv", "json", "parquet"]
 
+
+
+def _check_db(value: str) -> str:
+    """`--db`: a folder (created when missing) or an object-store URI; an existing file is neither."""
+    if value and "://" not in value and os.path.exists(value) and not os.path.isdir(value):
+        raise InputError(f"--db {value} is a file, not a database folder: give a folder (it is created "
+                         "when missing) or an object-store URI (s3://...)")
+    return value
+
+
 # The options every job command takes, declared once.
-DbOpt = Annotated[str, typer.Option("--db", envvar="FBMEM_DB", help="Database: a folder or an object-store URI (s3://...).")]
+DbOpt = Annotated[str, typer.Option("--db", envvar="FBMEM_DB", callback=_check_db,
+                                    help="Database: a folder or an object-store URI (s3://...).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Named settings: tiny (offline random-weight models) or sd14.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (overrides the preset).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override one setting, e.g. --set fbmem.tau=0.7 (repeatable).")]
@@ -96,35 +178,42 @@ AlphaOpt = Annotated[Optional[float], typer.Option(help="Deactivation scale: 0 =
 ForceOpt = Annotated[bool, typer.Option(help="Redo what was already done with these settings (relabel, search again).")]
 KindOpt = Annotated[SourceKind, typer.Option(help="What SRC is (auto-detected by default).")]
 MasksOpt = Annotated[Optional[Masks], typer.Option(help="eager: segment every image now; lazy: when it becomes a candidate.")]
+MaxErrorRateOpt = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, help="Exit 3 when more than this share of the inputs failed (default: only when all failed); "
+                           "the good rows and the error rows are written either way.")]
 
 
-def _ingest_images(target: str, src: str, kind: str, job: JobContext) -> None:
+def _ingest_images(target: str, src: str, kind: str, job: JobContext, max_error_rate: float | None) -> None:
     from fbmem.jobs.ingest import ingest_images
 
-    job.ensure_ray()
-    masks = job.cfg.ingest.masks  # --masks, else the setting
-    with job.run(f"ingest-{target}", {"src": src, "kind": kind, "masks": masks, "target": target}) as run:
-        ingest_images(job.db, job.cfg, src, target=target, kind=kind, masks=masks, run=run)
+    masks = job.cfg.ingest.masks  # --masks, else the setting (ingest_images starts Ray once the source is listed)
+    args = {"src": src, "kind": kind, "masks": masks, "target": target, "max_error_rate": max_error_rate}
+    with job.run(f"ingest-{target}", args) as run:
+        counts = ingest_images(job.db, job.cfg, src, target=target, kind=kind, masks=masks, run=run)
+        # everything is written; too many failed inputs end the run `failed` (with its counts) and exit 3
+        check_error_rate(counts.rows_in, counts.errors, max_error_rate, run_id=run.run_id, db=job.db_uri)
 
 
 @ingest_app.command("training")
 def ingest_training(
     src: Annotated[str, typer.Argument(help="A folder of images, a CSV/Parquet manifest, or webdataset .tar shards.")],
-    db: DbOpt, kind: KindOpt = "auto", masks: MasksOpt = None,
+    db: DbOpt, kind: KindOpt = "auto", masks: MasksOpt = None, max_error_rate: MaxErrorRateOpt = None,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Ingest training images: validate, CLIP-embed, mask (eager) into `training_images`."""
-    _ingest_images("training", src, kind, JobContext.from_options(db, preset, config, set_, {"ingest.masks": masks}))
+    _ingest_images("training", src, kind, JobContext.from_options(db, preset, config, set_, {"ingest.masks": masks}),
+                   max_error_rate)
 
 
 @ingest_app.command("generations")
 def ingest_generations(
     src: Annotated[str, typer.Argument(help="Manifest (uri, prompt, optional seed, sample, mask_uri) or folder.")],
-    db: DbOpt, kind: KindOpt = "auto", masks: MasksOpt = "eager",
+    db: DbOpt, kind: KindOpt = "auto", masks: MasksOpt = "eager", max_error_rate: MaxErrorRateOpt = None,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Ingest images generated elsewhere into `generations` (embedded and masked; eager by default: they are few)."""
-    _ingest_images("generations", src, kind, JobContext.from_options(db, preset, config, set_, {"ingest.masks": masks}))
+    _ingest_images("generations", src, kind, JobContext.from_options(db, preset, config, set_, {"ingest.masks": masks}),
+                   max_error_rate)
 
 
 @ingest_app.command("prompts")
@@ -204,6 +293,8 @@ def cluster_cmd(
     from fbmem.jobs.cluster import run_cluster
 
     job = JobContext.from_options(db, preset, config, set_, {"cluster.k": k, "cluster.embedding": embedding})
+    if job.cfg.cluster.embedding == "text_encoder":
+        job.ensure_ray()  # the text encoder runs in actors (resources.cluster); open_clip vectors are stored
     with job.run("cluster", {"where": where}) as run:
         out = run_cluster(job.db, job.cfg, run=run, where=where)
         typer.echo(f"silhouette={out['silhouette']:.4f} cluster sizes={out['sizes']}")
@@ -270,20 +361,22 @@ def nemo_stats_cmd(
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Per-neuron mean/std of |to_v| activations over ordinary prompts (or import the SD 1.4 file)."""
-    from fbmem.jobs.nemo import import_stats_csv, prompt_set_source, run_stats
+    from fbmem.jobs.nemo import import_stats_csv, model_layers, nemo_model, prompt_set_source, run_stats
     from fbmem.pipelines.reference_data import statistics_path
 
     csv = statistics_path(from_csv) if from_csv is not None else None
     job = JobContext.from_options(db, preset, config, set_)
-    pipe = job.pipeline()
+    job.ensure_ray()  # the model runs in actors (resources.nemo), not here
     with job.run("nemo-stats", {"prompts": prompts, "from_csv": str(csv) if csv else None}) as run:
         if csv is not None:
-            import_stats_csv(job.db, csv, job.cfg.models.diffusion.model_id, run, unet=pipe.unet)
+            with nemo_model(job.cfg) as pool:  # the file must fit the model's value layers
+                layers = model_layers(pool, job.cfg)
+            import_stats_csv(job.db, csv, job.cfg.models.diffusion.model_id, run, layers=layers)
             return
         texts = job.db.read("prompts", ["text"], where=prompts).column(0).to_pylist()
         if len(texts) < 2:
             raise ValueError(f"need at least 2 prompts matching {prompts!r} for statistics, found {len(texts)}")
-        run_stats(job.db, job.cfg, pipe, texts, source=prompt_set_source(texts), run=run)
+        run_stats(job.db, job.cfg, None, texts, source=prompt_set_source(texts), run=run)
 
 
 @nemo_app.command("detect")
@@ -295,10 +388,10 @@ def nemo_detect_cmd(
     from fbmem.jobs.nemo import run_detect
 
     job = JobContext.from_options(db, preset, config, set_)
-    pipe = job.pipeline()
+    job.ensure_ray()  # the model runs in actors (resources.nemo), not here
     rows = job.db.read("prompts", ["prompt_id", "text"], where=prompts)
     with job.run("nemo-detect", {"prompts": prompts}) as run:
-        memorized = run_detect(job.db, job.cfg, pipe, rows, run)
+        memorized = run_detect(job.db, job.cfg, None, rows, run)
         typer.echo(f"memorized: {memorized} of {rows.num_rows} prompts")
 
 
@@ -315,11 +408,11 @@ def nemo_localize_cmd(
     from fbmem.jobs.nemo import read_stats, run_localize
 
     job = JobContext.from_options(db, preset, config, set_)
-    pipe = job.pipeline()
+    job.ensure_ray()  # the model runs in actors (resources.nemo), not here
     stats = read_stats(job.db, job.cfg.models.diffusion.model_id, stats_source)
     rows = job.db.read("prompts", ["prompt_id", "text"], where=prompts)
     with job.run("nemo-localize", {"prompts": prompts, "sequential": sequential, "force": force}) as run:
-        out = run_localize(job.db, job.cfg, pipe, rows, stats, run, batched=not sequential,
+        out = run_localize(job.db, job.cfg, None, rows, stats, run, batched=not sequential,
                            only_memorized=not all_prompts, force=force)
         reached = sum(bool(r.get("criterion_reached")) for r in out)
         typer.echo(f"localized {len(out)} prompts; NeMo criterion reached for {reached}")
@@ -332,25 +425,14 @@ def toy_train_cmd(
 ) -> None:
     """Train (or reuse) the toy latent diffusion model on the toy corpus, on the CPU."""
     from fbmem.jobs.toy.corpus import ToyCorpusSpec
-    from fbmem.jobs.toy.demo import build_world
-    from fbmem.jobs.toy.train import (
-        ToyTrainSpec,
-        ensure_toy_model,
-        format_memorization,
-        memorization_check,
-    )
+    from fbmem.jobs.toy.demo import build_world, toy_model_check
+    from fbmem.jobs.toy.train import ToyTrainSpec, ensure_toy_model, format_memorization
 
     _, corpus = build_world(out, ToyCorpusSpec())
     model_dir = ensure_toy_model(out / "model", corpus, ToyTrainSpec())
     typer.echo(f"toy model: {model_dir}")
-    if check:
-        import torch
-
-        from fbmem.jobs.config import DiffusionConfig
-        from fbmem.pipelines.diffusion_models import load_pipeline
-
-        pipe = load_pipeline(DiffusionConfig(model=str(model_dir)), torch.device("cpu"), torch.float32)
-        typer.echo(format_memorization(memorization_check(pipe, corpus)))
+    if check:  # generates in a Ray actor that loads the model (the demo's settings), not here
+        typer.echo(format_memorization(toy_model_check(model_dir, corpus)))
 
 
 @app.command("tables")

@@ -9,12 +9,21 @@ because a misspelt threshold would otherwise run a scan with the default.
 from __future__ import annotations
 
 import copy
+import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -92,6 +101,16 @@ class ActorResources(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     pool_size: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
+    # Ray custom resources per actor, e.g. {"model_worker": 1}: the pool then runs only on nodes
+    # started with that resource (`ray start --resources='{"model_worker": 4}'`).
+    custom: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _check_custom(self) -> "ActorResources":
+        bad = sorted(k for k, v in self.custom.items() if k in ("CPU", "GPU", "memory") or v < 0)
+        if bad:
+            raise ValueError(f"custom resources {bad}: amounts must be >= 0, and CPU/GPU are num_cpus/num_gpus")
+        return self
 
 
 class ResourcesConfig(_Strict):
@@ -102,6 +121,11 @@ class ResourcesConfig(_Strict):
     segment: ActorResources = ActorResources(batch_size=4)
     generate: ActorResources = ActorResources(batch_size=4)
     score: ActorResources = ActorResources(batch_size=64)
+    # NeMo's model (UNet + text encoder): statistics, detection, localization (jobs/model_actors.py).
+    # batch_size: prompts per actor call in detection and localization (statistics: 64 per call).
+    nemo: ActorResources = ActorResources(batch_size=1)
+    # clustering's text encoder (cluster.embedding=text_encoder); batch_size: prompts per encoder batch
+    cluster: ActorResources = ActorResources(batch_size=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -127,6 +151,34 @@ class IngestConfig(_Strict):
     fetch_max_bytes: int = Field(32 * 2**20, ge=1)  # a larger file is an error row, never read whole
     fetch_retries: int = Field(2, ge=0)  # retries of transient failures (reset, 5xx, 429, connect timeout)
     fetch_backoff_s: float = Field(0.5, ge=0)  # first retry's wait; doubles each retry, +-50% jitter
+
+
+class EngineConfig(_Strict):
+    """The ingest engine at corpus scale (DESIGN.md, "Running at corpus scale"; jobs/ingest.py).
+
+    A source is cut into shards; workers write Lance fragments and the driver commits their
+    metadata in batches; a ledger of finished shards lets a rerun skip them unread.
+    """
+
+    # --- shards: the unit of work, of skipping and of redoing after a crash
+    folder_files_per_shard: int = Field(1000, ge=1)  # a folder: its sorted image list in chunks
+    manifest_rows_per_shard: int = Field(10_000, ge=1)  # a CSV/Parquet manifest: row ranges
+    shards_per_execution: int = Field(1000, ge=1)  # shards per Ray Data execution (bounds the plan)
+    # --- stages on the workers
+    check_batch_rows: int = Field(256, ge=1)  # keys per check against the stored table
+    rows_per_fragment: int = Field(2048, ge=1)  # rows per written Lance fragment (per write task)
+    write_num_cpus: float = Field(0.25, ge=0)  # key check, fragment writer and maintenance tasks
+    # --- commits on the driver: one Append per this many fragments, or per this many seconds
+    commit_every_fragments: int = Field(16, ge=1)
+    commit_every_s: float = Field(60.0, gt=0)
+    # --- maintenance: compaction and the key index, every N commits during a job and at its end
+    maintain_every_commits: int = Field(64, ge=1)
+    compact_target_rows: int = Field(1_048_576, ge=1)  # rows per fragment after compaction
+    compact_min_fragments: int = Field(8, ge=2)  # a job that wrote nothing compacts above this only
+    distributed_compaction_rows: int = Field(4_000_000, ge=0)  # above: lance-ray, one task per group
+    compaction_workers: int = Field(4, ge=1)
+    key_index_min_rows: int = Field(1_000_000, ge=0)  # BTREE on the key from this many rows
+    version_retention_s: float = Field(86_400.0, ge=0)  # older versions are removed at the end
 
 
 class FBMemConfig(_Strict):
@@ -254,6 +306,7 @@ class Config(_Strict):
     models: ModelsConfig = ModelsConfig()
     resources: ResourcesConfig = ResourcesConfig()
     ingest: IngestConfig = IngestConfig()
+    engine: EngineConfig = EngineConfig()
     fbmem: FBMemConfig = FBMemConfig()
     index: IndexConfig = IndexConfig()
     candidates: CandidatesConfig = CandidatesConfig()
@@ -262,8 +315,29 @@ class Config(_Strict):
     nemo: NemoConfig = NemoConfig()
     storage_options: dict[str, str] = {}  # object-store credentials etc., passed to LanceDB
 
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _options_as_strings(cls, value: Any) -> Any:
+        """Lance takes every option as a string; YAML and `--set` give `true` and numbers."""
+        if isinstance(value, dict):
+            return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in value.items()}
+        return value
+
     def to_json(self) -> str:
+        """The whole config, credentials included: for the job's own actors, never for storage."""
         return self.model_dump_json()
+
+    def to_record_json(self) -> str:
+        """The config as the `runs` table keeps it: storage options that look like credentials
+        (key, secret, token, password) are masked, so the database never holds its own keys."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = {
+            k: ("***" if _SECRET_OPTION.search(k) else v) for k, v in data["storage_options"].items()
+        }
+        return json.dumps(data, sort_keys=True)
+
+
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
 
 class ConfigError(ValueError):

@@ -5,6 +5,10 @@ model stages never care where a row came from. Sources only *locate* images: byt
 checked later by `images.validate_batch`, in parallel, where a bad file becomes an error row.
 The one exception is a webdataset shard, whose bytes can only be had by streaming the tar; a shard
 that is truncated or corrupt yields rows with `error` already set, and validation keeps that error.
+
+The ingest engine (jobs/ingest.py) reads the same sources by shard instead (`list_shards`,
+`read_shards`, `shard_dataset` at the end of this file): a tar, a chunk of a folder's sorted image
+list, or a range of a manifest's rows, each with a stable id the ingest ledger records.
 """
 from __future__ import annotations
 
@@ -247,13 +251,14 @@ def manifest_source(path: str | Path, *, generations: bool = False) -> ray.data.
     if local:
         path = os.path.abspath(path)
         if not os.path.exists(path):
-            raise ValueError(f"manifest not found: {path}")
+            raise ValueError(f"manifest not found: {path}: check the path")
     columns = _manifest_columns(path)
     required = ["uri", "prompt"] if generations else ["uri"]
     for name in required:
         if name not in columns:
             raise ValueError(
-                f"manifest {path} has no required column {name!r} (columns: {', '.join(columns) or 'none'})"
+                f"manifest {path} has no required column {name!r} (columns: {', '.join(columns) or 'none'}): "
+                f"add a {name!r} column with {'the path or URL' if name == 'uri' else 'the ' + name} of each image"
             )
     base = posixpath.dirname(path) if not local else os.path.dirname(path)
     if path.lower().endswith(".csv"):
@@ -402,32 +407,30 @@ def webdataset_source(paths: str | Path | Sequence[str | Path]) -> ray.data.Data
 # -------------------------------------------------------------------------------------------- dispatch
 
 
-def open_source(
-    src: str | Path, kind: SourceKind = "auto", *, generations: bool = False, **kwargs: Any
-) -> ray.data.Dataset:
-    """Dispatch on what `src` is: a manifest file, a tar shard (or glob), or a folder.
+def _dispatch(src: str | Path, kind: SourceKind) -> tuple[str, Any]:
+    """What `src` is: ("folder", FolderListing) | ("manifest", path) | ("webdataset", tar paths).
 
     A folder holding only tar shards is a webdataset; a folder of images a folder source; a
     folder holding both is ambiguous and must be given an explicit `kind`.
     """
     s = str(src)
     if kind == "folder":
-        return folder_source(s, **kwargs)
+        return "folder", list_folder(s)
     if kind == "manifest":
-        return manifest_source(s, generations=generations, **kwargs)
+        return "manifest", s
     if kind == "webdataset":
-        return webdataset_source(s)
+        return "webdataset", s
     if kind != "auto":
         raise ValueError(f"unknown source kind {kind!r}: use auto, folder, manifest or webdataset")
     lower = s.lower()
     if lower.endswith(MANIFEST_EXTENSIONS):
-        return manifest_source(s, generations=generations, **kwargs)
+        return "manifest", s
     if lower.endswith(".tar") or (any(ch in s for ch in "*?[") and ".tar" in lower):
-        return webdataset_source(s)
+        return "webdataset", s
     if _has_scheme(s):
         raise ValueError(f"cannot tell what {s} is: pass kind= manifest or webdataset")
     if not os.path.exists(s):
-        raise ValueError(f"source not found: {s}")
+        raise ValueError(f"source not found: {s}: give a folder of images, a .csv/.parquet manifest or .tar shards")
     if not os.path.isdir(s):
         raise ValueError(f"cannot tell what {s} is (not a folder, .csv, .parquet or .tar): pass kind=")
     listing = list_folder(s)
@@ -437,5 +440,279 @@ def open_source(
             "pass kind='folder' or kind='webdataset'"
         )
     if listing.tars:
-        return webdataset_source(listing.tars)
-    return _folder_dataset(listing, kwargs.get("rows_per_block", 1000))
+        return "webdataset", listing.tars
+    return "folder", listing
+
+
+def open_source(
+    src: str | Path, kind: SourceKind = "auto", *, generations: bool = False, **kwargs: Any
+) -> ray.data.Dataset:
+    """Dispatch on what `src` is (see `_dispatch`): a manifest file, a tar shard (or glob), or a
+    folder. The ingest engine reads the same sources by shard instead (`list_shards`)."""
+    what, found = _dispatch(src, kind)
+    if what == "folder":
+        return _folder_dataset(found, kwargs.get("rows_per_block", 1000))
+    if what == "manifest":
+        return manifest_source(found, generations=generations)
+    return webdataset_source(found)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+# The ingest engine's unit of work (jobs/ingest.py, DESIGN.md "Running at corpus scale"): a source
+# is cut into shards; one Ray task reads one shard; the ledger marks a shard done once all its rows
+# are committed, so a rerun skips it without reading it, and a crash redoes only unfinished shards.
+
+SHARD_END = "\x00fbmem:shard-end"  # the `error` of the marker row that closes each shard's rows
+# Columns every shard row carries: the shard, the row's place (manifest: its row number), and on the
+# marker row only, how many rows the shard had (the driver counts a shard's rows back to it).
+SHARD_FIELDS = [pa.field("_shard", pa.string()), pa.field("_pos", pa.int64()), pa.field("_shard_rows", pa.int64())]
+_SHARD_CHUNK_ROWS = 256  # rows per block a read task yields
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a source. `spec` is what its read task needs (JSON); `shard_id` hashes what
+    identifies its content: a tar's path; a folder chunk's root and file names; a manifest's path,
+    row range, size and modification time (an edited manifest is a new one: its shards are new,
+    and the key check still skips the images already stored). `label` is the short form the
+    ledger keeps."""
+
+    shard_id: str
+    kind: str
+    source: str
+    spec: dict[str, Any]
+    label: dict[str, Any]
+
+
+def _make_shard(kind: str, source: str, identity: dict[str, Any], spec: dict[str, Any], label: dict[str, Any]) -> Shard:
+    from fbmem.storage.keys import stable_hash
+
+    return Shard(stable_hash("fbmem-shard-v1", kind, identity), kind, source, spec, label)
+
+
+def _folder_shards(listing: FolderListing, source: str, files_per_shard: int) -> list[Shard]:
+    if not listing.images:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {listing.root}")
+    from fbmem.storage.keys import stable_hash
+
+    shards = []
+    for start in range(0, len(listing.images), files_per_shard):
+        chunk = listing.images[start : start + files_per_shard]
+        rel = [os.path.relpath(p, listing.root).replace(os.sep, "/") for p in chunk]
+        stems = [os.path.splitext(p)[0] for p in chunk]
+        spec = {"root": listing.root, "files": rel, "masks": [s in listing.masks for s in stems],
+                "captions": [s in listing.captions for s in stems]}
+        identity = {"root": listing.root, "files": stable_hash(rel)}
+        label = {"root": listing.root, "first": rel[0], "last": rel[-1], "files": len(rel)}
+        shards.append(_make_shard("folder", source, identity, spec, label))
+    return shards
+
+
+def _file_fingerprint(path: str) -> dict[str, Any]:
+    if _has_scheme(path) and not path.lower().startswith("file://"):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        info = fs.get_file_info(inner)
+        mtime = info.mtime_ns if info.mtime is not None else None
+        return {"size": info.size, "mtime_ns": mtime}
+    st = os.stat(path[len("file://") :] if path.lower().startswith("file://") else path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _csv_options(columns: list[str]):
+    import pyarrow.csv as pacsv
+
+    wanted = [c for c in _MANIFEST_TYPES if c in columns]
+    return (
+        pacsv.ParseOptions(newlines_in_values=True),
+        pacsv.ConvertOptions(column_types={c: _MANIFEST_TYPES[c] for c in wanted}, strings_can_be_null=True,
+                             include_columns=wanted),
+    )
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    if _has_scheme(path) and not path.lower().startswith("file://"):
+        import pyarrow.fs as pafs
+
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return pq.ParquetFile(fs.open_input_file(inner))
+    return pq.ParquetFile(path[len("file://") :] if path.lower().startswith("file://") else path)
+
+
+def _manifest_row_count(path: str, columns: list[str]) -> int:
+    """Rows of a manifest: Parquet from its footer; CSV by one streaming parse of the first known
+    column (constant memory, the same parser the read tasks use, so the counts agree)."""
+    if not path.lower().endswith(".csv"):
+        return _parquet_file(path).metadata.num_rows
+    import pyarrow.csv as pacsv
+
+    parse, convert = _csv_options(columns)
+    convert.include_columns = convert.include_columns[:1]
+    n = 0
+    with _open_binary(path) as f:
+        for batch in pacsv.open_csv(f, parse_options=parse, convert_options=convert):
+            n += batch.num_rows
+    return n
+
+
+def _manifest_range(path: str, columns: list[str], start: int, stop: int) -> Iterator[pa.Table]:
+    """Rows [start, stop) of a manifest. Parquet reads only the row groups that overlap; CSV parses
+    from the top and drops the rows before `start` (use Parquet for manifests of many shards)."""
+    if path.lower().endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        parse, convert = _csv_options(columns)
+        pos = 0
+        with _open_binary(path) as f:
+            for batch in pacsv.open_csv(f, parse_options=parse, convert_options=convert):
+                lo, hi = max(start - pos, 0), min(stop - pos, batch.num_rows)
+                if hi > lo:
+                    yield pa.Table.from_batches([batch.slice(lo, hi - lo)])
+                pos += batch.num_rows
+                if pos >= stop:
+                    return
+        return
+    pf = _parquet_file(path)
+    wanted = [c for c in _MANIFEST_TYPES if c in columns]
+    pos = 0
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        lo, hi = max(start - pos, 0), min(stop - pos, n)
+        if hi > lo:
+            yield pf.read_row_group(i, columns=wanted).slice(lo, hi - lo)
+        pos += n
+        if pos >= stop:
+            return
+
+
+def _manifest_shards(path: str, source: str, generations: bool, rows_per_shard: int) -> list[Shard]:
+    local = not _has_scheme(path)
+    if local:
+        path = os.path.abspath(path)
+        if not os.path.exists(path):
+            raise ValueError(f"manifest not found: {path}: check the path")
+    columns = _manifest_columns(path)
+    for name in (["uri", "prompt"] if generations else ["uri"]):
+        if name not in columns:
+            raise ValueError(
+                f"manifest {path} has no required column {name!r} (columns: {', '.join(columns) or 'none'}): "
+                f"add a {name!r} column with {'the path or URL' if name == 'uri' else 'the ' + name} of each image"
+            )
+    n = _manifest_row_count(path, columns)
+    fingerprint = _file_fingerprint(path)
+    shards = []
+    for start in range(0, n, rows_per_shard):
+        stop = min(n, start + rows_per_shard)
+        spec = {"path": path, "columns": columns, "start": start, "stop": stop}
+        identity = {"path": path, "start": start, "stop": stop, **fingerprint}
+        label = {"path": path, "start": start, "stop": stop}
+        shards.append(_make_shard("manifest", source, identity, spec, label))
+    return shards
+
+
+def _webdataset_shards(paths: str | Path | Sequence[str | Path], source: str) -> list[Shard]:
+    tars = _shard_paths(paths)
+    if not tars:
+        raise ValueError(f"no .tar shards found in {paths}")
+    return [_make_shard("webdataset", source, {"tar": t}, {"tar": t}, {"tar": t}) for t in tars]
+
+
+def list_shards(
+    src: str | Path,
+    kind: SourceKind = "auto",
+    *,
+    generations: bool = False,
+    files_per_shard: int = 1000,
+    rows_per_shard: int = 10_000,
+) -> list[Shard]:
+    """The shards of a source (names and sizes only, nothing is read but a manifest's rows count):
+    a webdataset is one shard per .tar; a folder its sorted image list in chunks of
+    `files_per_shard`; a manifest its rows in ranges of `rows_per_shard`. Same dispatch and errors
+    as `open_source`."""
+    what, found = _dispatch(src, kind)
+    if what == "folder":
+        return _folder_shards(found, str(src), files_per_shard)
+    if what == "manifest":
+        return _manifest_shards(found, str(src), generations, rows_per_shard)
+    return _webdataset_shards(found, str(src))
+
+
+def _folder_chunks(spec: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+    root, files = spec["root"], spec["files"]
+    for start in range(0, len(files), _SHARD_CHUNK_ROWS):
+        rows = []
+        for i in range(start, min(start + _SHARD_CHUNK_ROWS, len(files))):
+            path = os.path.join(root, *files[i].split("/"))
+            stem = os.path.splitext(path)[0]
+            caption = None
+            if spec["captions"][i]:
+                try:
+                    with open(stem + CAPTION_SUFFIX, "rb") as f:
+                        caption = f.read().decode("utf-8", errors="replace").strip() or None
+                except OSError:
+                    caption = None  # an unreadable caption is not an image error
+            rows.append({"source_uri": path, "source_id": files[i], "caption": caption, "image_bytes": None,
+                         "mask_uri": stem + MASK_SUFFIX if spec["masks"][i] else None, "mask_bytes": None,
+                         "error": None})
+        yield rows
+
+
+def _shard_tables(kind: str, spec: dict[str, Any], schema: pa.Schema, generations: bool) -> Iterator[tuple[pa.Table, int]]:
+    """(source rows, position of the first) per chunk of one shard, in `schema`."""
+    if kind == "folder":
+        pos = 0
+        for rows in _folder_chunks(spec):
+            yield pa.Table.from_pylist(rows, schema=schema), pos
+            pos += len(rows)
+    elif kind == "webdataset":
+        rows, pos = [], 0
+        for row in iter_shard(spec["tar"]):
+            rows.append(row)
+            if len(rows) >= _SHARD_CHUNK_ROWS:
+                yield pa.Table.from_pylist(rows, schema=schema), pos
+                pos += len(rows)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=schema), pos
+    elif kind == "manifest":
+        path = spec["path"]
+        base = os.path.dirname(path) if not _has_scheme(path) else posixpath.dirname(path)
+        pos = spec["start"]
+        for part in _manifest_range(path, spec["columns"], spec["start"], spec["stop"]):
+            out = _manifest_to_rows(part, base=base, generations=generations)
+            yield out.cast(schema) if out.schema != schema else out, pos
+            pos += out.num_rows
+    else:
+        raise ValueError(f"unknown shard kind {kind!r}")
+
+
+def read_shards(batch: pa.Table, *, generations: bool = False) -> Iterator[pa.Table]:
+    """Ray task (`map_batches`, batch_size=1): the rows of each shard in `batch`, with the shard
+    columns (`SHARD_FIELDS`), then one marker row (`error` = SHARD_END, `_shard_rows` = the count)."""
+    base = GENERATION_SCHEMA if generations else SOURCE_SCHEMA
+    schema = pa.schema(list(base) + SHARD_FIELDS)
+    plain = pa.schema(list(base))
+    for shard_id, kind, spec_json in zip(
+        batch.column("shard_id").to_pylist(), batch.column("kind").to_pylist(), batch.column("spec").to_pylist()
+    ):
+        n = 0
+        for table, pos in _shard_tables(kind, json.loads(spec_json), plain, generations):
+            k = table.num_rows
+            table = table.append_column(SHARD_FIELDS[0], pa.array([shard_id] * k, pa.string()))
+            table = table.append_column(SHARD_FIELDS[1], pa.array(range(pos, pos + k), pa.int64()))
+            yield table.append_column(SHARD_FIELDS[2], pa.nulls(k, pa.int64()))
+            n += k
+        marker = {name: None for name in schema.names}
+        marker.update(error=SHARD_END, _shard=shard_id, _shard_rows=n)
+        yield pa.Table.from_pylist([marker], schema=schema)
+
+
+def shard_dataset(shards: Sequence[Shard], *, generations: bool = False) -> ray.data.Dataset:
+    """The rows of `shards` as a Ray Data stream: one read task per shard."""
+    items = [{"shard_id": s.shard_id, "kind": s.kind, "spec": json.dumps(s.spec)} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(read_shards, fn_kwargs={"generations": generations}, batch_format="pyarrow",
+                          batch_size=1, num_cpus=SOURCE_TASK_CPUS)

@@ -5,10 +5,15 @@ A database is a LanceDB URI: a local folder or an object-store URI (`s3://bucket
 the table's stable key (storage.schema.KEYS), so a rerun or a resumed scan never duplicates rows.
 Writers on several processes can race on a commit: Lance raises a conflict and we retry with
 backoff, because the upsert is idempotent and replaying it is safe.
+
+Upserts pass every row through this process: right for the small tables (prompts, labels, runs,
+errors, the ingest ledger). Image ingest at corpus scale instead appends fragments written by the
+Ray workers and commits their metadata in batches (storage/fragments.py, jobs/ingest.py).
 """
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from typing import Iterable
@@ -33,6 +38,26 @@ def _is_conflict(exc: BaseException) -> bool:
     return any(word in text for word in _CONFLICT_WORDS)
 
 
+# Lance's field metadata for an unenforced primary key: the field's 1-based place in the key (what
+# LanceTable.set_unenforced_primary_key writes; `lance-schema:unenforced-primary-key: true` is an
+# older spelling Lance also reads). Key fields must be non-nullable (storage/schema.py's are).
+PRIMARY_KEY_META = "lance-schema:unenforced-primary-key"
+
+
+def with_primary_key(schema: pa.Schema, keys: Iterable[str]) -> pa.Schema:
+    """`schema` with `keys` declared as Lance's unenforced primary key, in that order."""
+    for position, key in enumerate(keys, 1):
+        i = schema.get_field_index(key)
+        field = schema.field(i)
+        meta = {**(field.metadata or {}), f"{PRIMARY_KEY_META}:position".encode(): str(position).encode()}
+        schema = schema.set(i, field.with_metadata(meta))
+    return schema
+
+
+def has_primary_key(schema: pa.Schema) -> bool:
+    return any(k.startswith(PRIMARY_KEY_META.encode()) for f in schema for k in (f.metadata or {}))
+
+
 def vector_dim(data: pa.Table, column: str = "embedding") -> int | None:
     """The fixed size of a vector column, or None when the batch carries no vectors."""
     if column not in data.column_names:
@@ -50,6 +75,7 @@ class Database:
         self.uri = str(uri)
         self.storage_options = dict(storage_options or {})
         self.db = lancedb.connect(self.uri, storage_options=self.storage_options or None)
+        self._keyed: set[str] = set()  # tables whose key is known to be declared (see _declare_key)
 
     # ---- tables -------------------------------------------------------------------------
     def table_names(self) -> list[str]:
@@ -70,24 +96,56 @@ class Database:
         if name not in TABLES:
             raise StorageError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
         if self.has_table(name):
-            return self.db.open_table(name)
+            try:
+                tbl = self.db.open_table(name)
+            except ValueError as exc:
+                # A folder with data files but no version yet: fragments written by workers
+                # (storage/fragments.py) before the table's first commit, e.g. a crashed first ingest.
+                if not create or "not found" not in str(exc).lower():
+                    raise
+            else:
+                return self._declare_key(name, tbl) if create else tbl
         if not create:
             raise StorageError(f"table {name!r} does not exist yet in {self.uri}")
-        schema = schema_for(name, dim)
-        tbl = self.db.create_table(name, schema=schema, exist_ok=True)
         # Declaring the key lets Lance detect two writers inserting the same new key at once
-        # (otherwise both commits succeed and the key is duplicated); the loser gets a retryable
-        # conflict, and our retry then finds the key and updates it.
+        # (otherwise both commits succeed and the key is duplicated, lance-format/lance#4585); the
+        # loser gets a retryable conflict, and our retry then finds the key and updates it. The
+        # declaration is in the schema the table is created with: one commit, so no writer ever
+        # sees the table without it, and concurrent creators' schemas match.
+        schema = with_primary_key(schema_for(name, dim), KEYS[name])
         try:
-            tbl.set_unenforced_primary_key(list(KEYS[name]))
-        except Exception as exc:  # noqa: BLE001 - already set by a concurrent creator
-            log.debug("primary key on %s: %s", name, exc)
+            tbl = self.db.create_table(name, schema=schema, exist_ok=True)
+        except ValueError as exc:  # created meanwhile with another schema (an older fbmem's)
+            if "does not match" not in str(exc):
+                raise
+            tbl = self.db.open_table(name)
+        return self._declare_key(name, tbl)
+
+    def _declare_key(self, name: str, tbl):
+        """Before a write: declare the key of a table created without it (by an older fbmem),
+        once per table and process. Declaring it is one commit; it cannot be changed later."""
+        if name in self._keyed:
+            return tbl
+        if not has_primary_key(tbl.schema):
+            try:
+                tbl.set_unenforced_primary_key(list(KEYS[name]))
+            except Exception as exc:  # noqa: BLE001 - a concurrent writer declared it first, or a nullable key
+                tbl = self.db.open_table(name)
+                if not has_primary_key(tbl.schema):
+                    log.warning("%s: the key %s could not be declared to Lance (%s): concurrent writers "
+                                "may duplicate new keys", name, ", ".join(KEYS[name]), exc)
+        self._keyed.add(name)
         return tbl
 
     def table_dim(self, name: str) -> int | None:
         if name not in VECTOR_TABLES or not self.has_table(name):
             return None
-        typ = self.table(name).schema.field("embedding").type
+        try:
+            typ = self.table(name).schema.field("embedding").type
+        except ValueError as exc:  # data files but no version yet (see `table`): no table yet
+            if "not found" in str(exc).lower():
+                return None
+            raise
         return typ.list_size
 
     def count(self, name: str, where: str | None = None) -> int:
@@ -98,6 +156,16 @@ class Database:
     def dataset(self, name: str):
         """The Lance dataset behind a table (for scans with pushdown, DuckDB, Ray)."""
         return self.table(name).to_lance()
+
+    def table_uri(self, name: str) -> str:
+        """Where the Lance dataset of `name` lives (it may not exist yet): LanceDB's layout,
+        `<db>/<name>.lance`. Ray workers open it with `storage_options` (storage/fragments.py)."""
+        if name not in TABLES:
+            raise StorageError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
+        base = self.uri.rstrip("/")
+        if "://" not in base:
+            base = os.path.abspath(base)
+        return f"{base}/{name}.lance"
 
     # ---- reads --------------------------------------------------------------------------
     def read(

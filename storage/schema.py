@@ -23,6 +23,7 @@ TABLES = (
     "nemo_prompts",
     "runs",
     "errors",
+    "ingest_shards",
 )
 
 # The columns that identify a row; upserts match on them.
@@ -37,6 +38,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "nemo_prompts": ("nemo_id",),
     "runs": ("run_id",),
     "errors": ("error_id",),
+    "ingest_shards": ("ledger_id",),
 }
 
 VECTOR_TABLES = ("training_images", "prompts", "generations")
@@ -256,6 +258,29 @@ ERRORS = pa.schema(
     ]
 )
 
+# The ingest ledger (jobs/runtime/ledger.py): one row per finished source shard and settings, so a
+# rerun skips whole shards without reading them. Rows are few (one per shard: ~1e5 for LAION-2B).
+INGEST_SHARDS = pa.schema(
+    [
+        pa.field("ledger_id", pa.string(), nullable=False),  # hash(shard, table, model, masks)
+        pa.field("shard_id", pa.string(), nullable=False),  # hash of what the shard reads (sources.Shard)
+        pa.field("source", pa.string()),  # the source as the user named it
+        pa.field("shard_kind", pa.string()),  # folder / manifest / webdataset
+        pa.field("shard_spec", pa.string()),  # JSON: which files or rows (short form)
+        pa.field("target_table", pa.string(), nullable=False),
+        pa.field("embedding_model", pa.string(), nullable=False),
+        pa.field("masks", pa.string(), nullable=False),  # eager / lazy
+        pa.field("status", pa.string(), nullable=False),  # done
+        pa.field("rows_in", pa.int64()),
+        pa.field("rows_written", pa.int64()),
+        pa.field("rows_skipped", pa.int64()),  # already stored
+        pa.field("errors", pa.int64()),
+        pa.field("duplicates", pa.int64()),  # same key twice in one written block
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("finished_at", TS),
+    ]
+)
+
 _FIXED = {
     "pair_scores": PAIR_SCORES,
     "labels": LABELS,
@@ -264,6 +289,7 @@ _FIXED = {
     "nemo_prompts": NEMO_PROMPTS,
     "runs": RUNS,
     "errors": ERRORS,
+    "ingest_shards": INGEST_SHARDS,
 }
 
 _BY_DIM = {

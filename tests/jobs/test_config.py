@@ -71,3 +71,19 @@ def test_missing_file_and_unknown_preset():
 def test_config_round_trips_through_json():
     cfg = load_config("tiny", overrides={"fbmem.tau": 0.75})
     assert Config.model_validate_json(cfg.to_json()) == cfg
+
+
+def test_storage_options_are_strings_and_the_runs_record_masks_credentials():
+    import json
+
+    from fbmem.jobs.config import load_config
+
+    cfg = load_config(overrides={"storage_options": {"allow_http": True, "aws_region": "us-east-1",
+                                                     "aws_secret_access_key": "s3cr3t", "aws_access_key_id": "AKIA1",
+                                                     "timeout": 30}})
+    assert cfg.storage_options["allow_http"] == "true" and cfg.storage_options["timeout"] == "30"
+    assert "s3cr3t" in cfg.to_json()  # the job's own actors need them
+    record = json.loads(cfg.to_record_json())
+    assert "s3cr3t" not in cfg.to_record_json() and "AKIA1" not in cfg.to_record_json()
+    assert record["storage_options"]["aws_region"] == "us-east-1"
+    assert record["storage_options"]["aws_secret_access_key"] == "***"
