@@ -65,8 +65,11 @@ from fbmem.pipelines.sources import Shard, list_shards
 from fbmem.storage import fragments
 from fbmem.storage.database import Database, StorageError
 from fbmem.storage.fragments import ORDER_COLUMN, FragmentCommitter, open_dataset
+from fbmem.storage.schema import KEYS
 
 log = logging.getLogger(__name__)
+
+SOURCES_TABLE = "training_sources"  # every (image, source row) pair of a training ingest
 
 
 @ray.remote(num_cpus=0)
@@ -120,6 +123,10 @@ class DuplicateChecker:
     def check(self, data_files: list[str]) -> int:
         return fragments.dedupe_commit(self.uri, data_files, self.key, self.order, self.so)
 
+    def check_table(self, uri: str, key: str, order: str, data_files: list[str]) -> int:
+        """The same for another table of the ingest (`training_sources`)."""
+        return fragments.dedupe_commit(uri, data_files, key, order, self.so)
+
 
 def maintain_table(uri: str, key: str | None, eng: EngineConfig, so: dict[str, str] | None,
                    *, min_fragments: int, retention_s: float | None) -> dict[str, Any]:
@@ -160,6 +167,7 @@ class _Totals:
     commits: int = 0
     fragments: int = 0
     shards_done: int = 0
+    source_rows: int = 0  # `training_sources` rows added (after the duplicate checks)
 
 
 @dataclass
@@ -179,13 +187,16 @@ class _Engine:
     counts: dict[str, ShardCounts] = field(default_factory=dict)
     uncommitted: set[str] = field(default_factory=set)  # shards with fragments not committed yet
     errors: list[pa.Table] = field(default_factory=list)
-    maintenance: Any = None
+    maintenance: list[Any] = field(default_factory=list)
     last_flush: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         eng = self.cfg.engine
         so = self.plan.storage_options
         self.committer = FragmentCommitter(self.plan.uri, so, eng.commit_every_fragments, eng.commit_every_s)
+        # `training_sources` fragments: committed with the images' (never held past one commit)
+        self.sources = (FragmentCommitter(self.plan.sources_uri, so, eng.commit_every_fragments, eng.commit_every_s)
+                        if self.plan.sources_uri is not None else None)
         self.dim = self.db.table_dim(self.plan.table)
         # A commit's duplicate check is a few key lookups and maybe a delete; it asks for no CPU so it
         # never queues behind the stream's tasks (shards are marked done only after it).
@@ -206,6 +217,8 @@ class _Engine:
             self.dim = dim
             self.committer.add(frags)
             self.totals.fragments += len(frags)
+        if result.get("source_fragments") and self.sources is not None:
+            self.sources.add(result["source_fragments"])
         if result["errors"]:
             self.errors.append(read_ipc(result["errors"]))
         for sc in result["shards"]:
@@ -217,7 +230,7 @@ class _Engine:
             c.duplicates += sc["duplicates"]
             if sc["total"] is not None:
                 c.total = sc["total"]
-            if sc["written"]:
+            if sc["written"] or sc.get("sources"):
                 self.uncommitted.add(sc["shard"])
             self.totals.rows += sc["rows"]
             self.totals.skipped += sc["skipped"]
@@ -227,10 +240,13 @@ class _Engine:
         self._report()
 
     def due(self) -> bool:
-        if self.committer.due():
+        if self.committer.due() or (self.sources is not None and self.sources.due()):
             return True
         late = time.monotonic() - self.last_flush >= self.cfg.engine.commit_every_s
-        return late and bool(self.errors or self.committer.pending or self._markable())
+        return late and bool(self.errors or self.committer.pending or self._sources_pending() or self._markable())
+
+    def _sources_pending(self) -> bool:
+        return self.sources is not None and bool(self.sources.pending)
 
     # ---- commits
     def flush(self) -> None:
@@ -245,11 +261,20 @@ class _Engine:
             # The check runs on the checker actor (key lookups there, not here); the driver waits
             # for it because the shards of this commit may be marked done right after.
             self.totals.duplicates += ray.get(self._checker.check.remote(commit.data_files))
-            self.uncommitted.clear()
             self.totals.written += commit.rows
             self.totals.commits = self.committer.commits
             if self.committer.commits % self.cfg.engine.maintain_every_commits == 0:
                 self._maintain_now()
+        if self._sources_pending():
+            # Source rows of a shard read again after a crash are appended again: the check brings
+            # each (image, source row) back to one row, as for the images.
+            if open_dataset(self.plan.sources_uri, self.plan.storage_options) is None:
+                self.db.table(SOURCES_TABLE, create=True)
+            commit = self.sources.commit()
+            self.totals.source_rows += commit.rows
+            self.totals.source_rows -= ray.get(self._checker.check_table.remote(
+                self.plan.sources_uri, KEYS[SOURCES_TABLE][0], "ingested_at", commit.data_files))
+        self.uncommitted.clear()
         if self.errors:
             errors = pa.concat_tables(self.errors)
             self.db.upsert("errors", errors)
@@ -258,15 +283,23 @@ class _Engine:
         self._mark()
         self._report()
 
+    def _tables(self) -> list[tuple[str, str]]:
+        """The bulk-written tables of this ingest and their keys: maintained alike."""
+        out = [(self.plan.uri, self.plan.key)]
+        if self.plan.sources_uri is not None and open_dataset(self.plan.sources_uri, self.plan.storage_options):
+            out.append((self.plan.sources_uri, KEYS[SOURCES_TABLE][0]))
+        return out
+
     def _maintain_now(self) -> None:
-        if self.maintenance is not None:
-            ready, _ = ray.wait([self.maintenance], timeout=0)
-            if not ready:
+        if self.maintenance:
+            ready, _ = ray.wait(self.maintenance, num_returns=len(self.maintenance), timeout=0)
+            if len(ready) < len(self.maintenance):
                 return
             ray.get(self.maintenance)
         eng = self.cfg.engine
-        self.maintenance = self._maintain_task.remote(self.plan.uri, self.plan.key, eng, self.plan.storage_options,
-                                                      min_fragments=eng.compact_min_fragments, retention_s=None)
+        self.maintenance = [self._maintain_task.remote(uri, key, eng, self.plan.storage_options,
+                                                       min_fragments=eng.compact_min_fragments, retention_s=None)
+                            for uri, key in self._tables()]
 
     def _markable(self) -> list[str]:
         return [s for s, c in self.counts.items() if c.complete and s not in self.uncommitted]
@@ -288,14 +321,17 @@ class _Engine:
 
     def finish(self) -> dict[str, Any]:
         ray.kill(self._checker)
-        if self.maintenance is not None:
+        if self.maintenance:
             ray.get(self.maintenance)
         if not self.db.has_table(self.plan.table):
             return {}
         eng = self.cfg.engine
-        ref = self._maintain_task.remote(self.plan.uri, self.plan.key, eng, self.plan.storage_options,
-                                         min_fragments=2, retention_s=eng.version_retention_s)
-        out = ray.get(ref)
+        refs = [self._maintain_task.remote(uri, key, eng, self.plan.storage_options,
+                                           min_fragments=2, retention_s=eng.version_retention_s)
+                for uri, key in self._tables()]
+        out, *others = ray.get(refs)
+        if others:
+            out[SOURCES_TABLE] = others[0]
         for small in ("errors", "ingest_shards"):  # small tables: here, not in a task
             if self.db.has_table(small):
                 _maintain_quietly(self.db.table_uri(small), None, eng, self.db.storage_options or None,
@@ -309,6 +345,8 @@ class _Engine:
         run.errors = t.errors
         run.metrics.update(skipped_existing=self.base.skipped + t.skipped, duplicates=t.duplicates,
                            commits=t.commits, fragments=t.fragments)
+        if self.plan.sources_uri is not None:
+            run.metrics["source_rows"] = t.source_rows
 
 
 def _groups(items: list[Shard], size: int) -> Iterable[list[Shard]]:
@@ -348,11 +386,15 @@ def ingest_images(
     ensure_ray(cfg)
     uri = db.table_uri(table)  # created by the first commit when absent, with the workers' dimension
     existing = open_dataset(uri, db.storage_options)
+    sources_uri = db.table_uri(SOURCES_TABLE) if target == "training" else None
+    sources = open_dataset(sources_uri, db.storage_options) if sources_uri is not None else None
     plan = WritePlan(
         target=target, table=table, uri=uri, key=KEY_OF[target], order=ORDER_COLUMN[table],
         model_id=cfg.models.clip.model_id, masks=masks, job=run.job, run_id=run.run_id,
         store_image_bytes=cfg.ingest.store_image_bytes, storage_options=db.storage_options or None,
         data_storage_version=existing.data_storage_version if existing is not None else None,
+        sources_uri=sources_uri,
+        sources_storage_version=sources.data_storage_version if sources is not None else None,
     )
     engine = _Engine(db, cfg, plan, ledger, run, {s.shard_id: s for s in todo}, base)
     with tqdm(desc=f"ingest {target}", unit="img", disable=None) as bar:

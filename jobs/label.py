@@ -41,6 +41,7 @@ from fbmem.jobs.runtime.stream import ErrorSource, drain
 from fbmem.pipelines.actors import actor_kwargs, batch_blocks
 from fbmem.storage.database import Database, connect
 from fbmem.storage.keys import sql_list, stable_hash
+from fbmem.storage.masks import training_masks_for
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,13 @@ class PairScorer:
             retain_freed_memory()  # this actor lives for the whole scan: whole chunks per call
 
     def _load(self, table: str, key: str, ids: list[str]) -> dict[str, tuple]:
-        rows = self.db.read(table, [key, "image_bytes", "source_uri", "mask_png"], where=f"{key} IN ({sql_list(ids)})")
+        if table == "training_images":  # own row's mask, else training_masks (storage/masks.py)
+            rows = self.db.read(table, [key, "image_bytes", "source_uri"], where=f"{key} IN ({sql_list(ids)})")
+            masks = training_masks_for(self.db, ids)
+            rows = rows.append_column("mask_png", pa.array(
+                [masks[i][0] if i in masks else None for i in rows.column(key).to_pylist()], pa.large_binary()))
+        else:
+            rows = self.db.read(table, [key, "image_bytes", "source_uri", "mask_png"], where=f"{key} IN ({sql_list(ids)})")
         out = {}
         for r in rows.to_pylist():
             try:

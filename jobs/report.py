@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from fbmem.jobs.core.label_rule import LABELS
 from fbmem.storage.database import Database
 from fbmem.storage.keys import sql_list
+from fbmem.storage.masks import training_masks_for
 from fbmem.storage.schema import TABLES
 from fbmem.storage.sql import named_sql_dir, run_named_query
 
@@ -414,7 +415,10 @@ def section_gallery(ctx: Context) -> str:
         return NO_DATA
     cols = ["image_bytes", "source_uri", "mask_png"]
     gens = _by_key(ctx.db, "generations", "generation_id", cols, {c["generation_id"] for c in cases})
-    imgs = _by_key(ctx.db, "training_images", "image_id", cols, {c["best_image_id"] for c in cases})
+    imgs = _by_key(ctx.db, "training_images", "image_id", cols[:-1], {c["best_image_id"] for c in cases})
+    masks = training_masks_for(ctx.db, imgs)  # own row's mask, else training_masks (storage/masks.py)
+    for image_id, row in imgs.items():
+        row["mask_png"] = masks[image_id][0] if image_id in masks else None
     cards = []
     for i, c in enumerate(cases):
         panels, problems = [], []

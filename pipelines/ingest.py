@@ -3,7 +3,8 @@
 Shape (Ray Data, one streaming pass per group of shards; jobs/ingest.py plans and commits):
     shard read tasks (sources.read_shards) -> validate (tasks) -> key check against the stored
     table (tasks) -> given masks or SAM (actors, eager only) -> CLIP (actors) -> fragment writer
-    (tasks: good rows -> Lance data files of `training_images`/`generations`, bad rows -> `errors`
+    (tasks: good rows -> Lance data files of `training_images`/`generations`, and for training every
+    good or already-stored source row -> data files of `training_sources`; bad rows -> `errors`
     rows) -> the driver, which receives fragment metadata and per-shard counts, never rows.
 Bad rows are carried through the stream with `error` set instead of being dropped, so one pass
 yields the table rows, the error rows and the counts, and every good row is kept whatever fails
@@ -32,7 +33,13 @@ from fbmem.pipelines.prompt_sets import prompt_id
 from fbmem.pipelines.sources import SHARD_END, Shard, shard_dataset
 from fbmem.storage.database import vector_dim
 from fbmem.storage.errors import error_rows, stage_of
-from fbmem.storage.fragments import duplicate_keys, remove_duplicates, stored_rows, write_fragments
+from fbmem.storage.fragments import (
+    duplicate_keys,
+    remove_duplicates,
+    stored_rows,
+    write_fragments,
+)
+from fbmem.storage.keys import stable_hash
 from fbmem.storage.schema import conform, now_utc, schema_for
 
 log = logging.getLogger(__name__)
@@ -47,12 +54,13 @@ CONTROL = (SKIPPED, SHARD_END)
 
 SHARD_COUNTS = pa.struct(
     [("shard", pa.string()), ("rows", pa.int64()), ("written", pa.int64()), ("skipped", pa.int64()),
-     ("errors", pa.int64()), ("duplicates", pa.int64()), ("total", pa.int64())]
+     ("errors", pa.int64()), ("duplicates", pa.int64()), ("total", pa.int64()), ("sources", pa.int64())]
 )
 # What a write task returns to the driver: metadata and counts only.
 WRITE_RESULT = pa.schema(
     [
         ("fragments", pa.list_(pa.string())),  # FragmentMetadata JSON, to commit
+        ("source_fragments", pa.list_(pa.string())),  # the same, of `training_sources`
         ("dim", pa.int32()),  # the embedding dimension of the written rows (null: none written)
         ("written", pa.int64()),
         ("errors", pa.binary()),  # `errors` rows as an Arrow IPC stream (null: none)
@@ -78,6 +86,9 @@ class WritePlan:
     storage_options: dict[str, str] | None = None
     data_storage_version: str | None = None  # the existing dataset's, so appends match it
     rows_per_file: int = 1 << 20
+    # `training_sources` (training only; None: not written): one row per good or stored source row
+    sources_uri: str | None = None
+    sources_storage_version: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -267,6 +278,42 @@ def image_rows(
     return pa.table(cols)
 
 
+def source_row_id(image_id: str, source: str | None, line: int | None) -> str:
+    """The key of a `training_sources` row: one (image, source row) pair, the same on every run."""
+    return stable_hash("fbmem-source-row-v1", image_id, source, line)
+
+
+def source_rows(batch: pa.Table, run_id: str) -> pa.Table:
+    """Stream rows (good, or found stored by the key check) -> `training_sources` rows: what each
+    source row said about its image (uri, caption, id, and where it is listed)."""
+    n = batch.num_rows
+    ids = batch.column("image_id").to_pylist()
+    sources = _col(batch, "_source").to_pylist()
+    lines = _col(batch, "_pos", pa.int64()).to_pylist()
+    return pa.table({
+        "source_row_id": pa.array([source_row_id(ids[i], sources[i], lines[i]) for i in range(n)], pa.string()),
+        "image_id": batch.column("image_id"),
+        "source_uri": _col(batch, "source_uri"),
+        "source": pa.array(sources, pa.string()),
+        "line": pa.array(lines, pa.int64()),
+        "source_id": pc.cast(_col(batch, "source_id"), pa.string()),
+        "caption": _col(batch, "caption"),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "ingested_at": pa.array([now_utc()] * n, type=pa.timestamp("us", tz="UTC")),
+    })
+
+
+def error_source_uris(bad: pa.Table) -> list[str | None]:
+    """The `source_uri` of error rows: the input's own uri, or for a row that names none (a
+    manifest row with an empty uri) its place, `<manifest>#row=<line>` (0-based data row, header
+    not counted), which also tells two such rows apart in the error id."""
+    uris = _col(bad, "source_uri").to_pylist()
+    sources = _col(bad, "_source").to_pylist()
+    lines = _col(bad, "_pos", pa.int64()).to_pylist()
+    return [u if u or sources[i] is None or lines[i] is None else f"{sources[i]}#row={lines[i]}"
+            for i, u in enumerate(uris)]
+
+
 def _ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -288,10 +335,10 @@ def write_output(batch: pa.Table, *, plan: WritePlan) -> pa.Table:
 
     def tally(shard: str, what: str, k: int = 1) -> None:
         c = counts.setdefault(shard, {"shard": shard, "rows": 0, "written": 0, "skipped": 0, "errors": 0,
-                                      "duplicates": 0, "total": None})
+                                      "duplicates": 0, "total": None, "sources": 0})
         c[what] += k
 
-    good_idx, bad_idx = [], []
+    good_idx, bad_idx, sourced_idx = [], [], []
     totals = batch.column("_shard_rows").to_pylist()
     for i, err in enumerate(errors):
         if err == SHARD_END:
@@ -301,8 +348,10 @@ def write_output(batch: pa.Table, *, plan: WritePlan) -> pa.Table:
         tally(shards[i], "rows")
         if err == SKIPPED:
             tally(shards[i], "skipped")
+            sourced_idx.append(i)
         elif err is None:
             good_idx.append(i)
+            sourced_idx.append(i)
         else:
             bad_idx.append(i)
             tally(shards[i], "errors")
@@ -330,19 +379,32 @@ def write_output(batch: pa.Table, *, plan: WritePlan) -> pa.Table:
                                     data_storage_version=plan.data_storage_version)
         written = rows.num_rows
 
+    # Every good source row, copies and rows whose image was already stored included: what the
+    # source said about its image is kept whatever happens to the image row.
+    source_fragments: list[str] = []
+    if plan.sources_uri is not None and sourced_idx:
+        srows = conform(source_rows(batch.take(pa.array(sourced_idx, pa.int64())), plan.run_id),
+                        schema_for("training_sources"))
+        source_fragments = write_fragments(srows, plan.sources_uri, schema=srows.schema,
+                                           storage_options=plan.storage_options,
+                                           max_rows_per_file=plan.rows_per_file,
+                                           data_storage_version=plan.sources_storage_version)
+        for i in sourced_idx:
+            tally(shards[i], "sources")
+
     err_bytes = None
     if bad_idx:
         bad = batch.take(pa.array(bad_idx, pa.int64()))
         reasons = bad.column("error").to_pylist()
         table = error_rows(
             plan.job, plan.run_id, reasons=reasons, stages=[stage_of(r, ERROR_STAGES, "validate") for r in reasons],
-            source_uris=_col(bad, "source_uri").to_pylist(),
+            source_uris=error_source_uris(bad),
             source_ids=pc.cast(_col(bad, "source_id"), pa.string()).to_pylist(),
             positions=bad.column("_pos").to_pylist(),
         )
         err_bytes = _ipc(table)
     return pa.Table.from_pylist(
-        [{"fragments": fragments, "dim": dim, "written": written, "errors": err_bytes,
+        [{"fragments": fragments, "source_fragments": source_fragments, "dim": dim, "written": written, "errors": err_bytes,
           "shards": list(counts.values())}],
         schema=WRITE_RESULT,
     )

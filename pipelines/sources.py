@@ -463,9 +463,12 @@ def open_source(
 # are committed, so a rerun skips it without reading it, and a crash redoes only unfinished shards.
 
 SHARD_END = "\x00fbmem:shard-end"  # the `error` of the marker row that closes each shard's rows
-# Columns every shard row carries: the shard, the row's place (manifest: its row number), and on the
-# marker row only, how many rows the shard had (the driver counts a shard's rows back to it).
-SHARD_FIELDS = [pa.field("_shard", pa.string()), pa.field("_pos", pa.int64()), pa.field("_shard_rows", pa.int64())]
+# Columns every shard row carries: the shard, the row's place in its source file (`_pos`: a
+# manifest's data row, 0-based, header not counted; a tar's sample index; a folder's index in its
+# sorted file list), on the marker row only how many rows the shard had (the driver counts a shard's
+# rows back to it), and the file `_pos` counts in (`_source`: the manifest, the tar, the folder).
+SHARD_FIELDS = [pa.field("_shard", pa.string()), pa.field("_pos", pa.int64()), pa.field("_shard_rows", pa.int64()),
+                pa.field("_source", pa.string())]
 _SHARD_CHUNK_ROWS = 256  # rows per block a read task yields
 
 
@@ -500,7 +503,7 @@ def _folder_shards(listing: FolderListing, source: str, files_per_shard: int) ->
         chunk = listing.images[start : start + files_per_shard]
         rel = [os.path.relpath(p, listing.root).replace(os.sep, "/") for p in chunk]
         stems = [os.path.splitext(p)[0] for p in chunk]
-        spec = {"root": listing.root, "files": rel, "masks": [s in listing.masks for s in stems],
+        spec = {"root": listing.root, "start": start, "files": rel, "masks": [s in listing.masks for s in stems],
                 "captions": [s in listing.captions for s in stems]}
         identity = {"root": listing.root, "files": stable_hash(rel)}
         label = {"root": listing.root, "first": rel[0], "last": rel[-1], "files": len(rel)}
@@ -663,7 +666,7 @@ def _folder_chunks(spec: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
 def _shard_tables(kind: str, spec: dict[str, Any], schema: pa.Schema, generations: bool) -> Iterator[tuple[pa.Table, int]]:
     """(source rows, position of the first) per chunk of one shard, in `schema`."""
     if kind == "folder":
-        pos = 0
+        pos = spec.get("start", 0)
         for rows in _folder_chunks(spec):
             yield pa.Table.from_pylist(rows, schema=schema), pos
             pos += len(rows)
@@ -699,14 +702,17 @@ def read_shards(batch: pa.Table, *, generations: bool = False) -> Iterator[pa.Ta
         batch.column("shard_id").to_pylist(), batch.column("kind").to_pylist(), batch.column("spec").to_pylist()
     ):
         n = 0
-        for table, pos in _shard_tables(kind, json.loads(spec_json), plain, generations):
+        spec = json.loads(spec_json)
+        source = spec.get("path") or spec.get("tar") or spec.get("root")
+        for table, pos in _shard_tables(kind, spec, plain, generations):
             k = table.num_rows
             table = table.append_column(SHARD_FIELDS[0], pa.array([shard_id] * k, pa.string()))
             table = table.append_column(SHARD_FIELDS[1], pa.array(range(pos, pos + k), pa.int64()))
-            yield table.append_column(SHARD_FIELDS[2], pa.nulls(k, pa.int64()))
+            table = table.append_column(SHARD_FIELDS[2], pa.nulls(k, pa.int64()))
+            yield table.append_column(SHARD_FIELDS[3], pa.array([source] * k, pa.string()))
             n += k
         marker = {name: None for name in schema.names}
-        marker.update(error=SHARD_END, _shard=shard_id, _shard_rows=n)
+        marker.update(error=SHARD_END, _shard=shard_id, _shard_rows=n, _source=source)
         yield pa.Table.from_pylist([marker], schema=schema)
 
 

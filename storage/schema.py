@@ -24,6 +24,8 @@ TABLES = (
     "runs",
     "errors",
     "ingest_shards",
+    "training_masks",
+    "training_sources",
 )
 
 # The columns that identify a row; upserts match on them.
@@ -39,6 +41,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id",),
     "errors": ("error_id",),
     "ingest_shards": ("ledger_id",),
+    "training_masks": ("image_id",),
+    "training_sources": ("source_row_id",),
 }
 
 VECTOR_TABLES = ("training_images", "prompts", "generations")
@@ -281,6 +285,41 @@ INGEST_SHARDS = pa.schema(
     ]
 )
 
+# Masks of training images computed after ingest (lazy masks, backfills): a narrow table of their
+# own keyed by image, so writing a mask never rewrites a `training_images` row (pixels, vector and
+# all). A training image's mask is its own row's (eager ingest, a mask given by the source), else
+# this table's; read both through storage/masks.py `training_masks_for`.
+TRAINING_MASKS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("mask_png", pa.large_binary()),
+        pa.field("fg_fraction", pa.float32()),
+        pa.field("mask_model", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", TS),
+    ]
+)
+
+# Every (image, source row) pair of a training ingest: `training_images` is keyed by content and
+# keeps one row (and the first caption seen) per image; this table keeps what each source row said,
+# so copies of an image with other captions or ids all survive, whatever the batching. Written from
+# the workers as fragments, like the images (pipelines/ingest.py), also for rows whose image was
+# already stored. `line`: the row's place in `source` (a manifest's data row, 0-based, header not
+# counted; a tar's sample index; a folder's sorted file index).
+TRAINING_SOURCES = pa.schema(
+    [
+        pa.field("source_row_id", pa.string(), nullable=False),  # hash(image_id, source, line)
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string()),  # the image's file or URL
+        pa.field("source", pa.string()),  # the manifest, tar or folder it was listed in
+        pa.field("line", pa.int64()),
+        pa.field("source_id", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("ingested_at", TS),
+    ]
+)
+
 _FIXED = {
     "pair_scores": PAIR_SCORES,
     "labels": LABELS,
@@ -290,6 +329,8 @@ _FIXED = {
     "runs": RUNS,
     "errors": ERRORS,
     "ingest_shards": INGEST_SHARDS,
+    "training_masks": TRAINING_MASKS,
+    "training_sources": TRAINING_SOURCES,
 }
 
 _BY_DIM = {
