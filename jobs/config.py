@@ -231,6 +231,10 @@ class IndexConfig(_Strict):
     nprobes: int = Field(32, ge=1)
     refine_factor: int | None = 10
     exact_below_rows: int = Field(10_000, ge=0)  # below this, search is brute force
+    # An existing index is updated (new rows added to its partitions, Lance's optimize) while the
+    # rows it does not cover stay under this share of the table; above it, it is rebuilt (new
+    # partitions fitted to the grown corpus).
+    max_unindexed_share: float = Field(0.1, ge=0, le=1)
 
     @model_validator(mode="after")
     def _pq_needs_refine(self) -> "IndexConfig":
@@ -300,6 +304,49 @@ class NemoConfig(_Strict):
     gpu_numerics: Literal["autocast", "native"] = "autocast"
 
 
+class RuntimeConfig(_Strict):
+    """Liveness of long jobs and scans (jobs/runtime/heartbeat.py)."""
+
+    heartbeat_s: float = Field(30.0, gt=0)  # a running job or scan writes its heartbeat this often
+    # a `running` row whose heartbeat is older than this is `aborted` (its process is gone: killed,
+    # its node lost); on the same host a dead process id says so at once
+    stale_after_s: float = Field(300.0, gt=0)
+
+
+class DetectConfig(_Strict):
+    """`fbmem detect`: memorization detectors beside NeMo's (Wen et al., ICLR 2024)."""
+
+    # Wen et al.'s score: || eps(x_t, c_p) - eps(x_t, c_empty) ||_2 averaged over the first
+    # `wen_steps` sampling steps and `wen_seeds` seeds (guidance, schedule and size as in generation;
+    # more steps than generation.steps means all of them). Defaults are the authors' (repository
+    # YuxinWenRick/diffusion_memorization): detect_mem.py generates num_images_per_prompt=4 images
+    # with num_inference_steps=50 from gen_seed=0 and records the L2 norm (lp=2) of
+    # noise_pred_text - noise_pred_uncond per image and step; examples/det_mem_viz.ipynb scores a
+    # prompt by the mean over steps 0..50 and num_gens=4. The paper (ICLR 2024, abstract) reports
+    # high accuracy already at the first step with one generation: `wen_steps=1, wen_seeds=1` is
+    # the cheap screen (2 UNet evaluations per prompt instead of 400).
+    wen_steps: int = Field(50, ge=1)
+    wen_seeds: int = Field(4, ge=1)
+    # base of the per-prompt seeds (pipelines.generator.sample_seed(wen_seed, prompt_id, s)): equal to
+    # generation.base_seed (0), seed s is generation's sample s, so the score describes those images
+    wen_seed: int = 0
+    prompt_batch: int = Field(8, ge=1)  # prompts per actor call (x wen_seeds x 2 rows per UNet call)
+
+
+class QualityConfig(_Strict):
+    """What mitigation costs in image quality (jobs/quality.py), before vs after images."""
+
+    # clip_score: prompt-image cosine with the configured CLIP; fd_clip / kid_clip: Frechet distance
+    # and KID between the before and after sets on CLIP image embeddings; other names are pyiqa
+    # metrics (dbcnn, qalign, ...), run only when their weights are present locally
+    metrics: list[str] = ["clip_score", "fd_clip", "kid_clip"]
+    kid_subset_size: int = Field(50, ge=2)  # capped by the set size
+    kid_subsets: int = Field(100, ge=1)
+    seed: int = 0
+    # the actor pool of the pyiqa metrics (they load a model; the CLIP metrics need none)
+    resources: ActorResources = ActorResources(batch_size=16)
+
+
 class Config(_Strict):
     """Everything a run needs. Stored as JSON in `runs` so any row can be traced to its settings."""
 
@@ -313,6 +360,9 @@ class Config(_Strict):
     generation: GenerationConfig = GenerationConfig()
     cluster: ClusterConfig = ClusterConfig()
     nemo: NemoConfig = NemoConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    detect: DetectConfig = DetectConfig()
+    quality: QualityConfig = QualityConfig()
     storage_options: dict[str, str] = {}  # object-store credentials etc., passed to LanceDB
 
     @field_validator("storage_options", mode="before")
@@ -379,6 +429,18 @@ def preset_dict(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
     return _read_yaml(path.read_text(), f"preset {name}")
+
+
+def dotted_leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings mapping as dotted keys of its leaves (`{"a": {"b": 1}}` -> `{"a.b": 1}`):
+    a layer given as a tree (a preset, a spec's `resources`) applied as overrides."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(dotted_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

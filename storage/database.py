@@ -121,11 +121,37 @@ class Database:
             tbl = self.db.open_table(name)
         return self._declare_key(name, tbl)
 
+    def _add_missing_columns(self, name: str, tbl):
+        """Before a write: add the nullable columns this fbmem's schema has and a table made by an
+        older one lacks (all null; a metadata-only commit), so upserts of new rows conform."""
+        try:
+            dim = tbl.schema.field("embedding").type.list_size if name in VECTOR_TABLES else None
+            want = schema_for(name, dim)
+        except (KeyError, ValueError):
+            return tbl
+        missing = [f for f in want if f.name not in tbl.schema.names]
+        if not missing:
+            return tbl
+        if any(not f.nullable for f in missing):
+            raise StorageError(f"table {name!r} lacks required columns "
+                               f"{', '.join(f.name for f in missing if not f.nullable)}: it was written by another fbmem")
+        try:
+            tbl.add_columns(pa.schema(missing))
+        except Exception as exc:  # noqa: BLE001 - a concurrent writer added them first
+            tbl = self.db.open_table(name)
+            if any(f.name not in tbl.schema.names for f in missing):
+                raise StorageError(f"table {name!r}: could not add columns "
+                                   f"{', '.join(f.name for f in missing)}: {exc}") from exc
+            return tbl
+        log.info("%s: added columns %s (written by an older fbmem)", name, ", ".join(f.name for f in missing))
+        return self.db.open_table(name)
+
     def _declare_key(self, name: str, tbl):
         """Before a write: declare the key of a table created without it (by an older fbmem),
         once per table and process. Declaring it is one commit; it cannot be changed later."""
         if name in self._keyed:
             return tbl
+        tbl = self._add_missing_columns(name, tbl)
         if not has_primary_key(tbl.schema):
             try:
                 tbl.set_unenforced_primary_key(list(KEYS[name]))

@@ -306,6 +306,13 @@ def _indexed_columns(ds: lance.LanceDataset) -> set[str]:
         return {c for ix in ds.list_indices() for c in ix["fields"]}
 
 
+def _index_names_on(ds: lance.LanceDataset, column: str) -> list[str]:
+    try:
+        return sorted({ix.name for ix in ds.describe_indices() if column in ix.field_names})
+    except AttributeError:  # older pylance
+        return sorted({ix["name"] for ix in ds.list_indices() if column in ix["fields"]})
+
+
 def maintain_key_index(
     uri: str, key: str, min_rows: int, storage_options: dict[str, str] | None = None
 ) -> str:
@@ -316,7 +323,9 @@ def maintain_key_index(
     if ds is None:
         return "none"
     if key in _indexed_columns(ds):
-        ds.optimize.optimize_indices()
+        # the key's index only: the vector index is the scan's index stage's to update or rebuild
+        # (storage/vector_index.update_index decides by how much of the table it does not cover)
+        ds.optimize.optimize_indices(index_names=_index_names_on(ds, key))
         return "optimized"
     if ds.count_rows() >= min_rows:
         ds.create_scalar_index(key, "BTREE")

@@ -26,6 +26,12 @@ TABLES = (
     "ingest_shards",
     "training_masks",
     "training_sources",
+    "scans",
+    "scan_stages",
+    "scan_shards",
+    "label_changes",
+    "detections",
+    "mitigation_quality",
 )
 
 # The columns that identify a row; upserts match on them.
@@ -43,6 +49,12 @@ KEYS: dict[str, tuple[str, ...]] = {
     "ingest_shards": ("ledger_id",),
     "training_masks": ("image_id",),
     "training_sources": ("source_row_id",),
+    "scans": ("scan_id",),
+    "scan_stages": ("stage_row_id",),
+    "scan_shards": ("scan_shard_id",),
+    "label_changes": ("change_id",),
+    "detections": ("detection_id",),
+    "mitigation_quality": ("quality_id",),
 }
 
 VECTOR_TABLES = ("training_images", "prompts", "generations")
@@ -246,6 +258,11 @@ RUNS = pa.schema(
         pa.field("args_json", pa.string()),
         pa.field("metrics_json", pa.string()),
         pa.field("message", pa.string()),
+        # added with `fbmem scan` (older tables get them on first write, storage/database.py):
+        pa.field("scan_id", pa.string()),  # the scan this run was a stage of, if any
+        pa.field("heartbeat_at", TS),  # written every runtime.heartbeat_s while running
+        pa.field("host", pa.string()),
+        pa.field("pid", pa.int64()),
     ]
 )
 
@@ -320,6 +337,122 @@ TRAINING_SOURCES = pa.schema(
     ]
 )
 
+# `fbmem scan` (jobs/scan.py): one row per scan, one per (scan, stage), one per (scan, source shard).
+# A row whose status is `running` and whose heartbeat is older than runtime.stale_after_s (or whose
+# process is gone, on the same host) is shown as `aborted`, and the next scan takes its work over.
+SCANS = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),  # the spec's name: scans of one schedule
+        pa.field("status", pa.string(), nullable=False),  # running / done / failed / aborted
+        pa.field("spec_json", pa.string()),
+        pa.field("spec_hash", pa.string()),
+        pa.field("model_id", pa.string()),
+        pa.field("started_at", TS),
+        pa.field("finished_at", TS),
+        pa.field("heartbeat_at", TS),
+        pa.field("host", pa.string()),
+        pa.field("pid", pa.int64()),
+        pa.field("attempts", pa.int32()),  # processes that ran it (1 + takeovers)
+        pa.field("seconds", pa.float64()),  # summed over attempts
+        pa.field("summary_json", pa.string()),  # the figures of --summary-json
+        pa.field("message", pa.string()),
+    ]
+)
+
+SCAN_STAGES = pa.schema(
+    [
+        pa.field("stage_row_id", pa.string(), nullable=False),  # hash(scan, stage)
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("ordinal", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),  # pending / running / done / failed / skipped
+        pa.field("started_at", TS),
+        pa.field("finished_at", TS),
+        pa.field("heartbeat_at", TS),
+        pa.field("seconds", pa.float64()),
+        pa.field("rows_in", pa.int64()),
+        pa.field("rows_out", pa.int64()),
+        pa.field("errors", pa.int64()),
+        pa.field("counts_json", pa.string()),  # the stage's own figures (shards new/done before, ...)
+        pa.field("run_ids", pa.list_(pa.string())),  # the `runs` of every attempt
+        pa.field("message", pa.string()),  # the error of a failed stage
+    ]
+)
+
+SCAN_SHARDS = pa.schema(
+    [
+        pa.field("scan_shard_id", pa.string(), nullable=False),  # hash(scan, shard, table)
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("target_table", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # pending / done / done-before / failed
+        pa.field("rows_in", pa.int64()),
+        pa.field("rows_written", pa.int64()),
+        pa.field("errors", pa.int64()),
+        pa.field("run_id", pa.string()),
+        pa.field("updated_at", TS),
+    ]
+)
+
+# One row each time a generation's label is set or changes (jobs/label.py), so what changed
+# between two scans (sql/scan_diff.sql) is a query, while `labels` keeps the current label.
+LABEL_CHANGES = pa.schema(
+    [
+        pa.field("change_id", pa.string(), nullable=False),  # hash(label_id, run)
+        pa.field("label_id", pa.string(), nullable=False),
+        pa.field("generation_id", pa.string(), nullable=False),
+        pa.field("rule", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("previous_label", pa.string()),  # null: first label
+        pa.field("best_image_id", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("scan_id", pa.string()),
+        pa.field("changed_at", TS),
+    ]
+)
+
+# Per-prompt memorization scores of the detectors (`fbmem detect --method nemo|wen`).
+DETECTIONS = pa.schema(
+    [
+        pa.field("detection_id", pa.string(), nullable=False),  # hash(prompt, method, model, settings)
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),  # nemo / wen
+        pa.field("model_id", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("settings_hash", pa.string()),
+        pa.field("settings_json", pa.string()),
+        pa.field("unet_calls", pa.int64()),  # UNet evaluations of one latent row (CFG counts 2), batching aside
+        pa.field("seconds", pa.float64()),  # the prompt's wall time in the actor (a shared batch: its share)
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", TS),
+    ]
+)
+
+# What mitigation costs in image quality, per method, alpha and cluster (all clusters: null).
+MITIGATION_QUALITY = pa.schema(
+    [
+        pa.field("quality_id", pa.string(), nullable=False),  # hash(method, alpha, level, cluster, metric, model)
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("alpha", pa.float32()),
+        # overall (cluster_id null) or cluster (cluster_id null there = prompts never clustered),
+        # as sql/mitigation_score.sql's `level`, so the two join on (method, alpha, level, cluster_id)
+        pa.field("level", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.int32()),
+        pa.field("metric", pa.string(), nullable=False),  # clip_score / fd_clip / kid_clip / pyiqa name
+        pa.field("before", pa.float64()),  # per-image metrics: mean over the before images
+        pa.field("after", pa.float64()),  # ... and over the after images
+        pa.field("value", pa.float64()),  # per-image: after - before; set-level: distance before vs after
+        pa.field("value_std", pa.float64()),  # kid_clip: std over subsets
+        pa.field("n_pairs", pa.int64()),
+        pa.field("note", pa.string()),  # why a value is missing, e.g. "skipped: weights not present ..."
+        pa.field("model_id", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("computed_at", TS),
+    ]
+)
+
 _FIXED = {
     "pair_scores": PAIR_SCORES,
     "labels": LABELS,
@@ -331,6 +464,12 @@ _FIXED = {
     "ingest_shards": INGEST_SHARDS,
     "training_masks": TRAINING_MASKS,
     "training_sources": TRAINING_SOURCES,
+    "scans": SCANS,
+    "scan_stages": SCAN_STAGES,
+    "scan_shards": SCAN_SHARDS,
+    "label_changes": LABEL_CHANGES,
+    "detections": DETECTIONS,
+    "mitigation_quality": MITIGATION_QUALITY,
 }
 
 _BY_DIM = {

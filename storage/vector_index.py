@@ -3,6 +3,12 @@
 Candidates for FB-Mem come from here (SPEC section 3). The index is LanceDB's (IVF_PQ by default,
 cosine); its settings are `IndexConfig`. Exact search stays available because small pools don't
 need an index and because it is the yardstick the index's recall is measured against.
+
+A growing corpus keeps its index with `update_index`: new rows are assigned to the existing
+partitions (Lance's `optimize_indices`, no retraining) while the rows the index does not cover
+stay under `index.max_unindexed_share` of the table; past that the partitions were fitted to a
+corpus too different from today's, and the index is rebuilt. Until then Lance searches the rows
+the index does not cover by a flat scan, so results include them either way.
 """
 from __future__ import annotations
 
@@ -36,9 +42,85 @@ def index_params(rows: int, dim: int, cfg: IndexConfig) -> dict:
 
 
 def has_vector_index(db: Database) -> bool:
+    return vector_index_name(db) is not None
+
+
+def vector_index_name(db: Database) -> str | None:
+    """The name of the index on the embedding column (LanceDB names it `embedding_idx`), or None."""
     if not db.has_table(TABLE):
-        return False
-    return any(VECTOR in (getattr(ix, "columns", None) or []) for ix in db.table(TABLE).list_indices())
+        return None
+    for ix in db.table(TABLE).list_indices():
+        if VECTOR in (getattr(ix, "columns", None) or []):
+            return ix.name
+    return None
+
+
+def index_coverage(db: Database) -> dict | None:
+    """What the vector index covers: name, indexed and unindexed rows, its segments' uuids.
+
+    None without an index. The uuids tell an update (the trained segment kept, a delta segment
+    added or merged into it) from a rebuild (every uuid new).
+    """
+    name = vector_index_name(db)
+    if name is None:
+        return None
+    stats = db.table(TABLE).index_stats(name)
+    uuids = sorted(str(seg.uuid) for ix in db.dataset(TABLE).describe_indices() if ix.name == name
+                   for seg in ix.segments)
+    return {"name": name, "indexed": int(stats.num_indexed_rows), "unindexed": int(stats.num_unindexed_rows),
+            "segments": uuids}
+
+
+def update_index(db: Database, cfg: IndexConfig) -> dict:
+    """Bring the vector index up to the table: build, update in place, or rebuild (what a scan runs).
+
+    - no index: below `exact_below_rows` nothing is built (searches stay exact, action `exact`),
+      else it is built (`built`);
+    - an index covering every row: nothing to do (`current`);
+    - rows the index does not cover at most `max_unindexed_share` of the table: they are added to
+      the existing partitions (`updated`: Lance's optimize_indices, no retraining, so it costs a
+      pass over the new rows only, not over the corpus);
+    - more than that: rebuilt (`rebuilt`), with partitions fitted to today's row count.
+
+    Returns `action`, `rows`, `unindexed_before`, `unindexed_after`, `share_before` (unindexed /
+    rows), `segments_before` / `segments_after` (the index's segment uuids) and `message`; a
+    build adds build_index's figures.
+    """
+    rows = db.count(TABLE)
+    before = index_coverage(db)
+    out: dict = {"rows": rows, "unindexed_before": None if before is None else before["unindexed"],
+                 "segments_before": None if before is None else before["segments"]}
+    if before is None:
+        if rows == 0 or rows < cfg.exact_below_rows:
+            return {**out, "action": "exact", "unindexed_after": None, "share_before": None,
+                    "message": f"{rows} rows < index.exact_below_rows={cfg.exact_below_rows}: no index, searches are exact"}
+        info = build_index(db, cfg)
+        return {**info, **out, "action": "built", "share_before": None, **_after(db)}
+    share = before["unindexed"] / max(rows, 1)
+    out["share_before"] = round(share, 6)
+    if before["unindexed"] == 0:
+        return {**out, "action": "current", "unindexed_after": 0, "segments_after": before["segments"],
+                "message": f"the index covers all {rows} rows"}
+    t0 = time.perf_counter()
+    if share <= cfg.max_unindexed_share:
+        db.dataset(TABLE).optimize.optimize_indices(index_names=[before["name"]])
+        action = "updated"
+        what = f"added {before['unindexed']} rows to the index"
+    else:
+        build_index(db, cfg, force=True)
+        action = "rebuilt"
+        what = f"rebuilt the index on {rows} rows"
+    secs = time.perf_counter() - t0
+    return {**out, "action": action, **_after(db), "seconds": round(secs, 2),
+            "message": (f"{what} in {secs:.1f}s (unindexed share {share:.1%}, "
+                        f"index.max_unindexed_share={cfg.max_unindexed_share:.1%})")}
+
+
+def _after(db: Database) -> dict:
+    after = index_coverage(db)
+    if after is None:
+        return {"unindexed_after": None, "segments_after": None}
+    return {"unindexed_after": after["unindexed"], "segments_after": after["segments"]}
 
 
 def build_index(db: Database, cfg: IndexConfig, force: bool = False) -> dict:
@@ -83,8 +165,13 @@ def search(
     exact: bool = False,
     columns: tuple[str, ...] = ("image_id",),
     query_batch: int = 256,
+    where: str | None = None,
 ) -> pa.Table:
     """Top-k training rows for each query vector: `query_index`, `columns`, `_distance`.
+
+    `where` restricts the rows searched (a Lance prefilter, applied before the top-k is taken, so
+    each query still gets up to k rows that match): an incremental label run searches only the
+    rows ingested since a generation was labelled (jobs/label.py).
 
     `_distance` is the cosine distance (1 - cosine) with the default metric. Uses the index when
     one exists and `exact` is False; otherwise Lance's flat scan with the same distance, so the
@@ -101,6 +188,8 @@ def search(
         block = q[start : start + query_batch]
         s = tbl.search(block if len(block) > 1 else block[0], vector_column_name=VECTOR)
         s = s.distance_type(cfg.metric).limit(k).select(list(columns) + ["_distance"])
+        if where:
+            s = s.where(where, prefilter=True)
         if use_index:
             s = s.nprobes(cfg.nprobes)
             if cfg.refine_factor:

@@ -35,7 +35,8 @@ def _value(t: pa.DataType, i: int):
     if pa.types.is_fixed_size_list(t):
         return [0.5] * t.list_size
     if pa.types.is_list(t):
-        return [3, 1, 2][: i + 2]
+        values = [3, 1, 2][: i + 2]
+        return [str(v) for v in values] if pa.types.is_string(t.value_type) else values
     raise AssertionError(f"no test value for {t}")
 
 
@@ -60,7 +61,7 @@ def test_csv_writes_every_table(name):
         elif pa.types.is_large_binary(f.type):
             assert full == "<4 bytes>"
         elif pa.types.is_list(f.type):  # e.g. neurons: JSON text in the cell
-            assert json.loads(full) == [3, 1]
+            assert json.loads(full) in ([3, 1], ["3", "1"])
         elif pa.types.is_string(f.type):
             assert full == t.column(f.name)[0].as_py()  # quotes and newlines survive CSV quoting
         if f.nullable:

@@ -55,6 +55,8 @@ def _value(field: pa.Field, col: int, i: int):
         return bytes([i % 3 + 1]) * (i % 3 + 1)
     if _is_vector(t):
         return [0.25 * i + k for k in range(t.list_size)]
+    if pa.types.is_list(t) and pa.types.is_string(t.value_type):  # e.g. scan_stages.run_ids
+        return [str(k) for k in range(i % 4)]
     if pa.types.is_list(t):
         return list(range(i % 4))
     raise AssertionError(f"no test value for {name}: {t}")
@@ -109,6 +111,9 @@ def _clauses(name: str, schema: pa.Schema) -> list[str]:
             kind = "vector"
             out += [f"len({c}) = {t.list_size}", f"{c}[1] > 1", f"list_sum({c}) > 10",
                     f"{c} = [0.0, 1.0, 2.0, 3.0]::FLOAT[{t.list_size}]"]
+        elif pa.types.is_list(t) and pa.types.is_string(t.value_type):
+            kind = "list"
+            out += [f"len({c}) > 1", f"list_contains({c}, '2')", f"{c} = ['0', '1']", f"len({c}) = 0"]
         elif pa.types.is_list(t):
             kind = "list"
             out += [f"len({c}) > 1", f"list_contains({c}, 2)", f"{c} = [0, 1]", f"len({c}) = 0"]
