@@ -44,6 +44,7 @@ class JobContext:
 
     cfg: Config
     db_uri: str
+    scan_id: str | None = None  # set by `fbmem scan`: every run it opens is a stage of that scan
     _db: Database | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -80,4 +81,4 @@ class JobContext:
         It records the settings and `args`, and prints the summary line when the job ends."""
         from fbmem.jobs.runtime.run_record import RunRecord
 
-        return RunRecord(self.db, job, self.cfg, args=dict(args or {}))
+        return RunRecord(self.db, job, self.cfg, args=dict(args or {}), scan_id=self.scan_id)

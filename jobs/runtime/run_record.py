@@ -1,7 +1,9 @@
 """One row in `runs` per job, and the summary line users read at the end.
 
 A run is opened before work starts (status `running`) so a killed job leaves a trace, and
-closed with counts, seconds and status. The same counts make the printed summary line, so the
+closed with counts, seconds and status. While it runs it writes a heartbeat (its row again, with
+the counts so far) every `runtime.heartbeat_s`: a row left `running` by a killed process reads
+`aborted` once its heartbeat is stale (jobs/runtime/heartbeat.py), and `fbmem runs` shows it so. The same counts make the printed summary line, so the
 table and the console never disagree.
 
 When Ray is running, a closed run's metrics also say which nodes ran its model actors:
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -23,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from fbmem.jobs.config import Config
+from fbmem.jobs.runtime.heartbeat import Heartbeat, this_host
 from fbmem.storage.database import Database
 from fbmem.storage.schema import now_utc
 
@@ -78,7 +82,9 @@ class RunRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0
     started_at: datetime | None = None
+    scan_id: str | None = None  # the scan this job is a stage of (jobs/scan.py)
     _nodes_from: int = field(default=0, init=False, repr=False)
+    _heartbeat: Heartbeat | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run_id = self.run_id or new_run_id(self.job)
@@ -99,6 +105,10 @@ class RunRecord:
                 "args_json": [json.dumps(self.args, default=str, sort_keys=True)],
                 "metrics_json": [json.dumps(self.metrics, default=str, sort_keys=True)],
                 "message": [message],
+                "scan_id": [self.scan_id],
+                "heartbeat_at": [now_utc()],
+                "host": [this_host()],
+                "pid": [os.getpid()],
             }
         )
 
@@ -107,9 +117,13 @@ class RunRecord:
         self.started_at = now_utc()
         self._nodes_from = _nodes_mark()
         self.db.upsert("runs", self._row("running", None, finished=False))
+        self._heartbeat = Heartbeat(lambda: self.db.upsert("runs", self._row("running", None, finished=False)),
+                                    self.cfg.runtime.heartbeat_s, name=f"heartbeat {self.run_id}").start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         nodes = _nodes_since(self._nodes_from)
         if nodes:
             self.metrics["model_nodes"] = nodes
