@@ -9,8 +9,10 @@ before/after label pairs give the mitigation score.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 
 from fbmem.jobs.config import Config
@@ -22,6 +24,11 @@ from fbmem.storage.keys import sql_literal, stable_hash
 log = logging.getLogger(__name__)
 
 NeuronSets = dict[str, dict[int, list[int]]]
+
+
+class NothingToMitigate(ValueError):
+    """No neurons to deactivate for a method (nothing localized, or no localized prompt clustered):
+    a scan reports the method as not run instead of failing."""
 
 
 def refined_sets(db: Database, model_id: str) -> NeuronSets:
@@ -41,7 +48,7 @@ def neurons_for_method(db: Database, cfg: Config, method: str, run_id: str | Non
     model_id = cfg.models.diffusion.model_id
     refined = refined_sets(db, model_id)
     if not refined:
-        raise ValueError("no refined neurons in the `neurons` table for this model: run `fbmem nemo localize` first")
+        raise NothingToMitigate("no refined neurons in the `neurons` table for this model: run `fbmem nemo localize` first")
     if method == "nemo":
         return refined
     if method != "nemo-c":
@@ -50,7 +57,7 @@ def neurons_for_method(db: Database, cfg: Config, method: str, run_id: str | Non
     clusters = {p["prompt_id"]: p["cluster_id"] for p in prompts}
     unclustered = [p for p in refined if clusters.get(p) is None]
     if len(unclustered) == len(refined):
-        raise ValueError("no localized prompt has a cluster_id: run `fbmem cluster` first")
+        raise NothingToMitigate("no localized prompt has a cluster_id: run `fbmem cluster` first")
     if unclustered:
         log.warning("%d localized prompts have no cluster and are left out of NeMo-C", len(unclustered))
     unions = union_by_cluster(refined, clusters)
@@ -66,27 +73,68 @@ def neurons_for_method(db: Database, cfg: Config, method: str, run_id: str | Non
     return {p: unions[c] for p, c in clusters.items() if c in unions}
 
 
-def score_method(db: Database, method: str) -> dict:
-    """The overall row of sql/mitigation_score.sql for `method` (one place for the pairing and
-    the weights; jobs/core/mitigation_score.py is its tested Python twin)."""
+def parse_alphas(text: str | None) -> list[float | None]:
+    """`fbmem mitigate --alpha`: None -> [None] (nemo.alpha); "0.5" -> [0.5]; "0,0.25,0.5" -> a
+    dampening sweep, one mitigation per alpha, in the order given (repeats dropped, compared as
+    stored, in float32). Raises ValueError naming the value that is not a number >= 0."""
+    if text is None or not text.strip():
+        return [None]
+    out: list[float | None] = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"alpha {part.strip()!r} is not a number: give one alpha or a comma list like 0,0.25,0.5") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"alpha {part.strip()!r} must be a finite number >= 0 (0 = off, 0 < alpha < 1 = dampening)")
+        if not any(same_alpha(value, seen) for seen in out):
+            out.append(value)
+    return out
+
+
+def same_alpha(stored: float | None, alpha: float | None) -> bool:
+    """Whether a stored alpha (float32, as `generations.alpha` holds it) is `alpha`: 0.1 reads back
+    as 0.10000000149, so both are compared as float32 (how recipe_id hashes alpha too)."""
+    if stored is None or alpha is None:
+        return stored is None and alpha is None
+    return bool(np.float32(stored) == np.float32(alpha))
+
+
+def score_method(db: Database, method: str, alpha: float | None = None) -> dict:
+    """The overall row of sql/mitigation_score.sql for `method` at `alpha` (one place for the
+    pairing and the weights; jobs/core/mitigation_score.py is its tested Python twin).
+
+    The query keeps one row per (method, alpha), so a dampening sweep's scores stay apart.
+    `alpha` None: the method's only alpha; several stored alphas then need an explicit one.
+    """
     from fbmem.storage.sql import load_query, query_params, run_query
 
     text = load_query("mitigation_score")
     rows = [r for r in run_query(db, text, query_params(text, {})).to_pylist()
             if r["method"] == method and r["level"] == "overall"]
+    if alpha is not None:
+        rows = [r for r in rows if same_alpha(r["alpha"], alpha)]
+    elif len(rows) > 1:
+        raise ValueError(f"{method} was run at several alphas {[r['alpha'] for r in rows]}: say which one")
     if not rows:
-        return {"pairs": 0, "score": float("nan"), "vm_before": 0, "vm_after": 0}
+        return {"pairs": 0, "score": float("nan"), "vm_before": 0, "vm_after": 0, "alpha": alpha}
     r = rows[0]
     return {"pairs": r["pairs"], "score": float(r["mitigation_score"]),
-            "vm_before": r["vm_before"], "vm_after": r["vm_after"]}
+            "vm_before": r["vm_before"], "vm_after": r["vm_after"], "alpha": r["alpha"]}
 
 
 def run_mitigate(db: Database, cfg: Config, *, method: str, run: RunRecord, alpha: float | None = None,
                  n: int | None = None, prompt_filter: str | None = None) -> dict:
-    """Regenerate with `method`'s neurons off (same seeds), label, and score the transitions."""
+    """Regenerate with `method`'s neurons off (same seeds), label, and score the transitions.
+
+    `alpha` (default nemo.alpha) scales the neurons instead of switching them off; each alpha's
+    generations have their own ids (the recipe hashes alpha) and its own score, so calling this
+    once per alpha is a dampening sweep.
+    """
     from fbmem.jobs.generate import run_generate
     from fbmem.jobs.label import run_label_job
 
+    alpha = cfg.nemo.alpha if alpha is None else alpha
     neurons = neurons_for_method(db, cfg, method, run_id=run.run_id)
     ids = sorted(neurons)
     where = f"prompt_id IN ({', '.join(repr(i) for i in ids)})"
@@ -94,11 +142,12 @@ def run_mitigate(db: Database, cfg: Config, *, method: str, run: RunRecord, alph
         where = f"({where}) AND ({prompt_filter})"
     counts = run_generate(db, cfg, run=run, n=n, prompt_filter=where, mitigation=method, alpha=alpha,
                           neurons_by_prompt=neurons)
-    label_run = RunRecord(db, "label", cfg, args={"where": f"mitigation = {sql_literal(method)}"})
+    label_run = RunRecord(db, "label", cfg, args={"where": f"mitigation = {sql_literal(method)}"},
+                          scan_id=run.scan_id)
     with label_run:
         run_label_job(db, cfg, run=label_run, where=f"mitigation = {sql_literal(method)}")
-    result = score_method(db, method)
-    run.metrics.update(method=method, prompts=len(ids), mitigation_score=round(result["score"], 4),
+    result = score_method(db, method, alpha)
+    run.metrics.update(method=method, alpha=alpha, prompts=len(ids), mitigation_score=round(result["score"], 4),
                        vm_before=result["vm_before"], vm_after=result["vm_after"], pairs=result["pairs"])
     log.info("%s: %s", method, result)
-    return {**result, "generated": counts.written}
+    return {**result, "alpha": alpha, "generated": counts.written}

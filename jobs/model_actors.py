@@ -1,6 +1,6 @@
 """The workers that hold the audited diffusion model for the jobs that are not Ray Data streams:
-NeMo (statistics, detection, localization; jobs/nemo.py), clustering's text embeddings
-(jobs/cluster.py), and the toy world's checks and controls (jobs/toy/).
+NeMo (statistics, detection, localization; jobs/nemo.py), Wen et al.'s detector (jobs/detect.py),
+clustering's text embeddings (jobs/cluster.py), and the toy world's checks and controls (jobs/toy/).
 
 Each is a plain class whose constructor loads its model, on the device picked there
 (pipelines/devices.pick_device), and whose methods do one chunk of work and return small, CPU-only
@@ -15,6 +15,7 @@ benchmarks run it in-process (`ModelPool.in_process`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fbmem.jobs.config import Config, NemoConfig
+from fbmem.jobs.config import Config, DetectConfig, GenerationConfig, NemoConfig
 from fbmem.jobs.core.nemo.detection import Detection
 from fbmem.jobs.core.nemo.evaluator import (
     all_off_score,
     check_numerics,
     detect_prompt,
     encode_prompts,
+    latent_shape,
     localize_prompt,
     parts_of,
 )
@@ -36,6 +38,7 @@ from fbmem.jobs.core.nemo.hooks import deactivate, find_value_layers, value_acti
 from fbmem.jobs.core.nemo.search import LocalizeResult
 from fbmem.jobs.core.nemo.statistics import ActivationAccumulator, NeuronStats
 from fbmem.jobs.core.prompt_encoding import encode_prompts as shared_encode_prompts
+from fbmem.jobs.core.wen import guided_first_steps, wen_scores
 from fbmem.pipelines.actor_pool import ModelPool
 
 
@@ -65,6 +68,19 @@ class PromptOutcome:
     unet_calls: int = 0
     sets_evaluated: int = 0
     error: str | None = None  # "detect: ..." / "localize: ...": the prompt failed
+    seconds: float = 0.0  # wall time of this prompt's detection in the actor (set by `detect`)
+
+
+@dataclass
+class WenOutcome:
+    """One prompt's Wen et al. score as it leaves the actor (jobs/core/wen.py)."""
+
+    prompt_id: str
+    score: float | None = None
+    norms: torch.Tensor | None = None  # [seeds, steps] text-conditional noise norms (CPU float32)
+    unet_calls: int = 0  # UNet evaluations of one latent row spent on this prompt (CFG: 2 per seed and step)
+    seconds: float = 0.0  # the batch's wall time in the actor, divided evenly among its prompts
+    error: str | None = None  # "wen: ...": the prompt failed
 
 
 def _cpu(det: Detection) -> Detection:
@@ -109,13 +125,59 @@ class DiffusionWorker:
         """Detection of each prompt row (prompt_id, text); a prompt that fails is an outcome with `error`."""
         out = []
         for r in rows:
+            t0 = time.perf_counter()
             try:
                 setup = detect_prompt(self.parts, r["text"], nemo, image_size)
             except Exception as exc:  # noqa: BLE001 - one bad prompt is an error row, not a failed job
                 out.append(PromptOutcome(r["prompt_id"], error=f"detect: {exc}"))
                 continue
-            out.append(PromptOutcome(r["prompt_id"], detection=_cpu(setup.detection), unet_calls=1))
+            det = _cpu(setup.detection)  # on the CPU: the device's work is done when timed
+            out.append(PromptOutcome(r["prompt_id"], detection=det, unet_calls=1, seconds=time.perf_counter() - t0))
         return out
+
+    def wen_detect(self, rows: Sequence[Mapping], detect: DetectConfig, generation: GenerationConfig,
+                   numerics: str) -> list[WenOutcome]:
+        """Wen et al.'s score of each prompt row (prompt_id, text): the first `detect.wen_steps`
+        steps of generation's DDIM schedule (generation.steps, guidance, size) from `detect.wen_seeds`
+        seeds per prompt, every prompt x seed of the batch in one UNet call per step (jobs/core/wen.py).
+
+        Seed s of a prompt is pipelines.generator.sample_seed(detect.wen_seed, prompt_id, s) and its
+        x_T is drawn as generation draws it (initial_latents), so with wen_seed equal to
+        generation.base_seed the scored trajectories are those of the generated samples. An empty
+        prompt, or a batch that fails, gives outcomes with `error`; the others are still scored.
+        """
+        from fbmem.pipelines.generator import initial_latents, sample_seed
+
+        t0 = time.perf_counter()
+        out: dict[int, WenOutcome] = {}
+        good = []
+        for i, r in enumerate(rows):
+            if not isinstance(r.get("text"), str) or not r["text"].strip():
+                out[i] = WenOutcome(r["prompt_id"], error="wen: empty or non-text prompt")
+            else:
+                good.append(i)
+        if good:
+            n_seeds, n_steps = detect.wen_seeds, min(detect.wen_steps, generation.steps)
+            try:
+                channels, side, _ = latent_shape(self.parts, generation.size)
+                seeds = [sample_seed(detect.wen_seed, rows[i]["prompt_id"], s) for i in good for s in range(n_seeds)]
+                latents = initial_latents(seeds, channels=channels, latent_side=side)
+                cond = encode_prompts(self.parts, [rows[i]["text"] for i in good]).repeat_interleave(n_seeds, dim=0)
+                uncond = shared_encode_prompts(self.parts.tokenizer, self.parts.text_encoder, [""])
+                norms, evals = guided_first_steps(
+                    self.parts.unet, self.parts.scheduler_config, latents, cond, uncond,
+                    schedule_steps=generation.steps, n_steps=n_steps, guidance=generation.guidance, numerics=numerics)
+                norms = norms.cpu().reshape(len(good), n_seeds, n_steps)
+                scores = wen_scores(norms).tolist()
+            except Exception as exc:  # noqa: BLE001 - the batch's prompts are error rows, not a failed job
+                for i in good:
+                    out[i] = WenOutcome(rows[i]["prompt_id"], error=f"wen: {exc}")
+            else:
+                each = (time.perf_counter() - t0) / len(good)
+                for j, i in enumerate(good):
+                    out[i] = WenOutcome(rows[i]["prompt_id"], score=scores[j], norms=norms[j].clone(),
+                                        unet_calls=evals // len(good), seconds=each)
+        return [out[i] for i in range(len(rows))]
 
     def localize(self, rows: Sequence[Mapping], stats: NeuronStats, nemo: NemoConfig, image_size: int, *,
                  batched: bool = True, only_memorized: bool = True,

@@ -17,7 +17,10 @@ same either way: the per-prompt work is the same function (jobs/core/nemo/evalua
   float64 sums, in the same order, as one process computing them.
 - `import_stats_csv`: the SD 1.4 reference file -> `neuron_stats` (checked against the UNet's
   value layers when one is given).
-- `run_detect`: per prompt, the noise-difference detection -> `nemo_prompts`.
+- `run_detect`: per prompt, the noise-difference detection -> `nemo_prompts`, and NeMo's row in
+  `detections` (the detectors' shared table; `fbmem detect --method nemo` runs this same function,
+  jobs/detect.py, which also scores Wen et al.'s detector). The `detections` row format lives
+  here (`detection_row`) because this job writes it and jobs/detect.py imports this module.
 - `run_localize`: per memorized prompt, initial selection + refinement -> `neurons` (one row per
   layer and kind) and `nemo_prompts` (scores, theta/k, counts, criterion, UNet calls, message).
 
@@ -53,6 +56,8 @@ from fbmem.jobs.runtime.run_record import RunRecord
 from fbmem.pipelines.actor_pool import ModelPool
 from fbmem.storage.database import Database
 from fbmem.storage.errors import error_row
+from fbmem.storage.keys import stable_hash
+from fbmem.storage.schema import now_utc
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,44 @@ def _q(v: str) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
 
-def _prompt_rows(prompts: pa.Table | Sequence[Mapping]) -> list[dict]:
+# ============================================================================ detections rows
+
+
+def nemo_detect_settings(cfg: Config) -> dict:
+    """The settings that change NeMo's detection score (max_i m_i): latents, timestep, MS-SSIM,
+    numerics and image size. Not the threshold (it decides `memorized`, not the score) nor the
+    localization settings, so changing those does not redo detection in `fbmem detect`."""
+    n = cfg.nemo
+    return {"n_latents": n.n_latents, "latent_seed": n.latent_seed, "timestep_index": n.timestep_index,
+            "schedule_steps": n.schedule_steps, "detect_metric": n.detect_metric, "detect_beta": n.detect_beta,
+            "detect_win_size": n.detect_win_size, "detect_scales": n.detect_scales,
+            "detect_min_side": n.detect_min_side, "gpu_numerics": n.gpu_numerics, "image_size": cfg.generation.size}
+
+
+def detection_settings_hash(method: str, settings: Mapping) -> str:
+    """`settings_hash` of a detections row: the method and its settings (16 hex digits)."""
+    return stable_hash("detect", method, dict(settings))[:16]
+
+
+def detection_id(prompt_id: str, method: str, model_id: str, settings: Mapping) -> str:
+    """Key of a detections row: one per prompt, method, model and settings (a rerun overwrites it,
+    a changed setting adds a row beside it)."""
+    return stable_hash("detection", prompt_id, method, model_id, dict(settings))
+
+
+def detection_row(prompt_id: str, method: str, model_id: str, settings: Mapping, score: float, *,
+                  unet_calls: int, seconds: float, run_id: str) -> dict:
+    """One `detections` row. `unet_calls`: UNet evaluations of one latent row spent on the prompt
+    (a batched call over B latents counts B; CFG's two branches count two), so costs compare across
+    detectors and batch sizes; `seconds`: its wall time in the actor."""
+    return {"detection_id": detection_id(prompt_id, method, model_id, settings), "prompt_id": prompt_id,
+            "method": method, "model_id": model_id, "score": score,
+            "settings_hash": detection_settings_hash(method, settings),
+            "settings_json": json.dumps(dict(settings), sort_keys=True), "unet_calls": int(unet_calls),
+            "seconds": float(seconds), "run_id": run_id, "created_at": now_utc()}
+
+
+def prompt_rows(prompts: pa.Table | Sequence[Mapping]) -> list[dict]:
     rows = prompts.to_pylist() if isinstance(prompts, pa.Table) else [dict(r) for r in prompts]
     for r in rows:
         if "prompt_id" not in r or "text" not in r:
@@ -245,23 +287,28 @@ def _detect_row(cfg: Config, model_id: str, prompt_id: str, det: Detection, run_
 
 
 def run_detect(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequence[Mapping], run: RunRecord) -> int:
-    """Detection for each prompt row (prompt_id, text) -> `nemo_prompts`. Returns memorized count.
+    """Detection for each prompt row (prompt_id, text) -> `nemo_prompts` and `detections`
+    (method `nemo`, score = detect_score). Returns memorized count.
 
     Prompts go to the actors `resources.nemo.batch_size` at a time; rows are written every
     `ingest.write_batch_rows` prompts and at the end."""
     model_id = cfg.models.diffusion.model_id
-    rows = _prompt_rows(prompts)
+    rows = prompt_rows(prompts)
     run.rows_in = len(rows)
     base_errors = run.errors
     written = n_errors = memorized = 0
     out: list[dict] = []
+    detections: list[dict] = []
+    settings = nemo_detect_settings(cfg)
 
     def flush() -> None:
         nonlocal written
         if out:
             db.upsert("nemo_prompts", pa.Table.from_pylist(_keep_localization(db, out)))
+            db.upsert("detections", pa.Table.from_pylist(detections))
             written += len(out)
             out.clear()
+            detections.clear()
 
     with nemo_model(cfg, model) as pool:
         if rows:
@@ -279,6 +326,10 @@ def run_detect(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequen
                 row["unet_calls"] = o.unet_calls
                 memorized += int(row["memorized"])
                 out.append(row)
+                # one UNet call over the n latents: n evaluations (detection_row's unit)
+                detections.append(detection_row(o.prompt_id, "nemo", model_id, settings, row["detect_score"],
+                                                unet_calls=o.unet_calls * cfg.nemo.n_latents, seconds=o.seconds,
+                                                run_id=run.run_id))
             if errors:
                 db.upsert("errors", pa.Table.from_pylist(errors))
                 n_errors += len(errors)
@@ -384,7 +435,7 @@ def run_localize(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequ
     comes back (neurons first), so a killed run keeps what it did.
     """
     model_id = cfg.models.diffusion.model_id
-    rows = _prompt_rows(prompts)
+    rows = prompt_rows(prompts)
     run.rows_in = len(rows)
     # the statistics' layers name the stored neuron rows (they must be the model's layers to be used)
     stat_layers = [LayerInfo(i, stats.modules.get(i, ""), n) for i, n in sorted(stats.sizes().items())]
@@ -410,7 +461,7 @@ def run_localize(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequ
             results = pool.map("localize", [[r for _, r in c] for c in chunks], stats, cfg.nemo, cfg.generation.size,
                                batched=batched, only_memorized=only_memorized, max_unet_batch=max_unet_batch)
             for ci, outcomes in results:
-                prompt_rows, nrows = [], []
+                done_rows, nrows = [], []
                 for (pos, _), o in zip(chunks[ci], outcomes):
                     if o.error is not None:
                         log.warning("localize %s: %s", o.prompt_id, o.error)
@@ -421,13 +472,13 @@ def run_localize(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequ
                     sets_eval += o.sets_evaluated
                     localized += int(o.result is not None)
                     reached += int(o.result is not None and o.result.criterion_reached)
-                    prompt_rows.append(row)
+                    done_rows.append(row)
                     nrows += nr
                     found[pos] = row
                 if nrows:
                     db.upsert("neurons", pa.Table.from_pylist(nrows))
-                if prompt_rows:  # after its neurons: a stored row always has them
-                    db.upsert("nemo_prompts", pa.Table.from_pylist(prompt_rows))
+                if done_rows:  # after its neurons: a stored row always has them
+                    db.upsert("nemo_prompts", pa.Table.from_pylist(done_rows))
     if errors:
         db.upsert("errors", pa.Table.from_pylist(errors))
     out = [found[pos] for pos in sorted(found)]

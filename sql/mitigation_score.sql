@@ -1,4 +1,5 @@
--- Mitigation score (SPEC section 8) per method, overall (level 'overall') and per prompt
+-- Mitigation score (SPEC section 8) per method and alpha (the deactivation scale: a dampening
+-- sweep keeps one score per alpha), overall (level 'overall') and per prompt
 -- cluster (level 'cluster'; cluster_id NULL there = prompts never clustered): each (prompt, seed, sample) generated before (mitigation 'none') and after a
 -- mitigation contributes the weight of its label transition (rows before, columns after):
 --          VM    BM    FM    NM
@@ -12,13 +13,13 @@
 -- param rule = most-severe
 -- current_labels: the latest label of each generation under each rule (storage/sql.py)
 WITH labelled AS (
-    SELECT g.prompt_id, g.seed, g.sample, g.mitigation, g.model_id, l.label
+    SELECT g.prompt_id, g.seed, g.sample, g.mitigation, g.alpha, g.model_id, l.label
     FROM generations AS g
     JOIN current_labels AS l USING (generation_id)
     WHERE l.rule = $rule
 ),
 pairs AS (
-    SELECT a.mitigation AS method, p.cluster_id, b.label AS before, a.label AS after
+    SELECT a.mitigation AS method, a.alpha, p.cluster_id, b.label AS before, a.label AS after
     FROM labelled AS b
     JOIN labelled AS a
       ON a.prompt_id = b.prompt_id AND a.seed = b.seed AND a.sample = b.sample AND a.model_id = b.model_id
@@ -38,6 +39,7 @@ weighted AS (
 )
 SELECT
     method,
+    alpha,
     CASE WHEN GROUPING(cluster_id) = 1 THEN 'overall' ELSE 'cluster' END AS level,
     cluster_id,
     count(*) AS pairs,
@@ -61,5 +63,5 @@ SELECT
     count(*) FILTER (WHERE before = 'NM' AND after = 'FM') AS nm_to_fm,
     count(*) FILTER (WHERE before = 'NM' AND after = 'NM') AS nm_to_nm
 FROM weighted
-GROUP BY GROUPING SETS ((method), (method, cluster_id))
-ORDER BY method, level DESC, cluster_id NULLS FIRST;
+GROUP BY GROUPING SETS ((method, alpha), (method, alpha, cluster_id))
+ORDER BY method, alpha NULLS FIRST, level DESC, cluster_id NULLS FIRST;
