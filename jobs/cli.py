@@ -8,7 +8,8 @@ summary; `fbmem demo` runs its jobs through the same context. The choices of an 
 setting are the config's own `Literal` values, so the CLI and the config accept the same words.
 
 A command that fails prints one line on stderr and exits with a documented code (jobs/errors.py):
-1 usage or config, 2 bad input, 3 all inputs failed (or over --max-error-rate), 4 internal. The
+1 usage or config, 2 bad input, 3 all inputs failed (or over --max-error-rate), 4 internal, 5 a
+scan's --fail-on gate crossed (after everything was written). The
 traceback only with `--debug` (anywhere on the line) or FBMEM_LOG=DEBUG.
 """
 from __future__ import annotations
@@ -117,7 +118,7 @@ app = typer.Typer(
     help="fbmem: audit text-to-image diffusion models for foreground/background memorization "
     "(FB-Mem) and mitigate it (NeMo-C). Results live in LanceDB tables; query them with `fbmem sql`.",
     epilog="Exit codes: 0 ok, 1 usage or config, 2 bad input, 3 all inputs failed (or over --max-error-rate), "
-    "4 internal error (its traceback goes to a file; --debug prints it).",
+    "4 internal error (its traceback goes to a file; --debug prints it), 5 a scan's --fail-on gate crossed.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -153,6 +154,7 @@ PromptEmbedding = ClusterConfig.model_fields["embedding"].annotation
 SourceKind = Literal["auto", "folder", "manifest", "webdataset"]
 Mitigation = Literal["none", "nemo", "nemo-c"]
 Method = Literal["nemo", "nemo-c"]
+DetectMethod = Literal["nemo", "wen"]  # jobs.detect.METHODS
 OutFormat = Literal["table", "csv", "json", "parquet"]
 
 
@@ -324,18 +326,37 @@ def generate_cmd(
 def mitigate_cmd(
     db: DbOpt,
     method: Annotated[Method, typer.Option(help="nemo: each prompt's own neurons; nemo-c: the cluster's union.")] = "nemo-c",
-    alpha: AlphaOpt = None, n: NOpt = None, prompts: PromptsOpt = None,
+    alpha: Annotated[Optional[str], typer.Option(
+        help="Deactivation scale: 0 = off (default nemo.alpha), 0<a<1 dampening. A comma list (0,0.25,0.5) "
+             "is a dampening sweep: one mitigation per alpha, each with its score and quality cost.")] = None,
+    n: NOpt = None, prompts: PromptsOpt = None,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
-    """NeMo / NeMo-C: regenerate with neurons off (same seeds), relabel, print the mitigation score."""
-    from fbmem.jobs.mitigate import run_mitigate
+    """NeMo / NeMo-C: regenerate with neurons off (same seeds), relabel, print the mitigation score and
+    what it cost in image quality (CLIP score before/after, Frechet distance; `mitigation_quality`)."""
+    from fbmem.jobs.mitigate import parse_alphas, run_mitigate
+    from fbmem.jobs.quality import run_quality
 
+    try:
+        alphas = parse_alphas(alpha)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--alpha") from exc
     job = JobContext.from_options(db, preset, config, set_)
     job.ensure_ray()
-    with job.run("mitigate", {"method": method, "alpha": alpha}) as run:
-        out = run_mitigate(job.db, job.cfg, method=method, run=run, alpha=alpha, n=n, prompt_filter=prompts)
+
+    def num(v: object) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    for a in alphas:
+        with job.run("mitigate", {"method": method, "alpha": a}) as run:
+            out = run_mitigate(job.db, job.cfg, method=method, run=run, alpha=a, n=n, prompt_filter=prompts)
+        with job.run("quality", {"method": method, "alpha": out["alpha"]}) as run:
+            q = run_quality(job.db, job.cfg, method=method, alpha=out["alpha"], run=run)
+        skipped = f"; skipped: {', '.join(sorted(q['skipped']))} (no weights or no pyiqa)" if q["skipped"] else ""
         typer.echo(f"{method}: mitigation score={out['score']:.4f} over {out['pairs']} pairs; "
-                   f"VM before={out['vm_before']} after={out['vm_after']}")
+                   f"VM before={out['vm_before']} after={out['vm_after']}; alpha={out['alpha']:g}; "
+                   f"clip score before={num(q['clip_before'])} after={num(q['clip_after'])}; "
+                   f"fd_clip={num(q['fd_clip'])}{skipped}")
 
 
 @app.command("report")
@@ -393,6 +414,26 @@ def nemo_detect_cmd(
     with job.run("nemo-detect", {"prompts": prompts}) as run:
         memorized = run_detect(job.db, job.cfg, None, rows, run)
         typer.echo(f"memorized: {memorized} of {rows.num_rows} prompts")
+
+
+@app.command("detect")
+def detect_cmd(
+    db: DbOpt,
+    method: Annotated[DetectMethod, typer.Option(
+        help="nemo: NeMo's noise-difference score (as `fbmem nemo detect`); wen: Wen et al.'s text-conditional "
+             "noise magnitude (settings detect.wen_steps, detect.wen_seeds).")],
+    prompts: PromptsOpt = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Per-prompt memorization scores of a detector into `detections` (with UNet evaluations and
+    seconds per prompt); compare detectors with `fbmem sql detector_agreement` / `detector_groups`."""
+    from fbmem.jobs.detect import format_summary, run_detect_method
+
+    job = JobContext.from_options(db, preset, config, set_)
+    rows = job.db.read("prompts", ["prompt_id", "text"], where=prompts)
+    job.ensure_ray()  # the model runs in actors (resources.nemo), not here
+    with job.run(f"detect-{method}", {"method": method, "prompts": prompts}) as run:
+        typer.echo(format_summary(run_detect_method(job.db, job.cfg, rows, method, run)))
 
 
 @nemo_app.command("localize")
@@ -467,6 +508,70 @@ def sql_cmd(
     rendered = None if result is None else render(result, fmt, out)
     if rendered is not None:
         typer.echo(rendered)
+
+
+@app.command("scan")
+def scan_cmd(
+    spec: Annotated[Path, typer.Argument(help="The scan spec (YAML): sources, model, prompt sets, stages, outputs.")],
+    db: DbOpt,
+    scan_id: Annotated[Optional[str], typer.Option(
+        "--scan-id", help="Run or resume this scan (default: resume the spec's last unfinished scan, else a new one).")] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a new scan even when the last one did not finish.")] = False,
+    fail_on: Annotated[Optional[list[str]], typer.Option(
+        "--fail-on", help="Gate, e.g. \"VM > 0.01\" (a share) or \"VM+FM > 0\" (a count): exit 5 when crossed, "
+                          "after everything is written (repeatable).")] = None,
+    summary_json: Annotated[Optional[Path], typer.Option(help="Write the scan's figures to this JSON file.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a scheduled scan: ingest, index, prompts, cluster, generate, label, NeMo, detect, mitigate,
+    report, with a ledger (`scans`, `scan_stages`, `scan_shards`): reruns skip done stages."""
+    from fbmem.jobs.scan import run_scan
+    from fbmem.jobs.scan_spec import load_scan_spec
+
+    loaded = load_scan_spec(spec)
+    run_scan(loaded, db, scan_id=scan_id, new=new, settings=parse_assignments(set_), fail_on=list(fail_on or []),
+             summary_json=str(summary_json) if summary_json else None)
+
+
+@app.command("scans")
+def scans_cmd(db: DbOpt, fmt: Annotated[OutFormat, typer.Option("--format", help="Output format.")] = "table",
+              preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The scans: status (a silent `running` one reads `aborted`), stages done, attempts, seconds, VM share, error."""
+    import pyarrow as pa
+
+    from fbmem.jobs.scan import scan_rows
+    from fbmem.jobs.sql_output import render
+
+    job = JobContext.from_options(db, preset, config, set_)
+    rows = scan_rows(job.db, job.cfg.runtime.stale_after_s)
+    if not rows:
+        typer.echo("no scans yet")
+        return
+    typer.echo(render(pa.Table.from_pylist(rows), fmt, None))
+
+
+@app.command("runs")
+def runs_cmd(db: DbOpt, limit: Annotated[int, typer.Option(help="The newest N runs.")] = 50,
+             fmt: Annotated[OutFormat, typer.Option("--format", help="Output format.")] = "table",
+             preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The job runs, newest first: status (a silent `running` one reads `aborted`), counts, seconds, scan, error."""
+    import pyarrow as pa
+
+    from fbmem.jobs.runtime.scan_ledger import status_now
+    from fbmem.jobs.sql_output import render
+
+    job = JobContext.from_options(db, preset, config, set_)
+    if not job.db.has_table("runs"):
+        typer.echo("no runs yet")
+        return
+    rows = job.db.read("runs", ["run_id", "job", "status", "started_at", "rows_in", "rows_out", "errors", "seconds",
+                                "heartbeat_at", "host", "pid", "scan_id", "message"]).to_pylist()
+    rows.sort(key=lambda r: r["started_at"].timestamp() if r["started_at"] else 0.0, reverse=True)
+    out = [{"job": r["job"], "status": status_now(r, job.cfg.runtime.stale_after_s), "rows_in": r["rows_in"],
+            "rows_out": r["rows_out"], "errors": r["errors"], "seconds": round(float(r["seconds"] or 0), 1),
+            "started_at": r["started_at"], "scan_id": r["scan_id"], "run_id": r["run_id"], "error": r["message"]}
+           for r in rows[:limit]]
+    typer.echo(render(pa.Table.from_pylist(out), fmt, None))
 
 
 @app.command("demo")

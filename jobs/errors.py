@@ -39,6 +39,7 @@ class ExitCode(IntEnum):
     INPUT = 2  # what the command was pointed at
     INPUTS_FAILED = 3  # every input failed, or more than --max-error-rate (all recorded)
     INTERNAL = 4  # a bug
+    GATE = 5  # `fbmem scan --fail-on`: a memorization gate was crossed (everything was written)
 
 
 class UserError(Exception):
@@ -73,6 +74,18 @@ def check_error_rate(inputs: int, errors: int, max_error_rate: float | None, *, 
         f"{what}; the reasons are in the errors table: "
         f"fbmem sql \"SELECT source_uri, reason FROM errors WHERE run_id = '{run_id}'\" --db {shlex.quote(db)}"
     )
+
+
+class GateCrossed(UserError):
+    """A scan finished and wrote everything, but one of its --fail-on gates was crossed."""
+
+    exit_code = ExitCode.GATE
+
+
+class ScanBusy(UserError):
+    """Another process is running this scan (its heartbeat is fresh)."""
+
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

@@ -371,12 +371,14 @@ def ingest_images(
     check_model_matches(db, table, cfg)
     shards = list_shards(src, kind, generations=target == "generations",
                          files_per_shard=eng.folder_files_per_shard, rows_per_shard=eng.manifest_rows_per_shard)
-    ledger = ShardLedger(db, table=table, model=cfg.models.clip.model_id, masks=masks)
+    ledger = ShardLedger(db, table=table, model=cfg.models.clip.model_id, masks=masks, scan_id=getattr(run, "scan_id", None))
     finished = ledger.finished([s.shard_id for s in shards])
+    ledger.note_listed(shards, finished.ids, run.run_id)
     todo = [s for s in shards if s.shard_id not in finished.ids]
     base = IngestCounts(rows_in=finished.rows_in, skipped=finished.stored, skipped_shards=len(finished.ids))
     run.rows_in = base.rows_in
-    run.metrics.update(shards=len(shards), skipped_shards=base.skipped_shards, skipped_existing=base.skipped)
+    run.metrics.update(shards=len(shards), skipped_shards=base.skipped_shards, skipped_existing=base.skipped,
+                       shards_todo=len(todo))
     if not todo:
         log.info("all %d shards of %s are done for %s: nothing to read", len(shards), src, table)
         return base

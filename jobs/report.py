@@ -11,6 +11,7 @@ a failing section shows its error without taking the rest of the report down.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from fbmem.jobs.core.label_rule import LABELS
 from fbmem.storage.database import Database
-from fbmem.storage.keys import sql_list
+from fbmem.storage.keys import sql_list, sql_literal
 from fbmem.storage.masks import training_masks_for
 from fbmem.storage.schema import TABLES
 from fbmem.storage.sql import named_sql_dir, run_named_query
@@ -38,7 +39,8 @@ MAX_PIXELS = 100_000_000  # refuse decompression bombs in the gallery
 GENERATED_PREFIXES = ("chart-", "gallery-")  # files this module owns inside out/img
 REQUIRED_QUERIES = (  # sql/NAME.sql, one per table or chart of the page
     "recent_runs", "errors_summary", "label_distribution", "label_shares_by_group", "one_to_many",
-    "mitigation_score", "nemo_by_prompt", "nemo_by_group", "neuron_sets_by_layer", "strongest_cases",
+    "mitigation_score", "mitigation_quality", "nemo_by_prompt", "nemo_by_group", "neuron_sets_by_layer",
+    "strongest_cases",
 )
 
 # ------------------------------------------------------------------------------ SQL
@@ -217,8 +219,102 @@ def transition_heatmap(row: dict) -> Figure:
     ax.set_xlabel("after")
     ax.set_ylabel("before")
     score = row.get("mitigation_score")
-    ax.set_title(f"{mpl_text(row['method'])}: score {fmt(score)} ({row['pairs']} pairs)")
+    ax.set_title(f"{mpl_text(method_label(row))}: score {fmt(score)} ({row['pairs']} pairs)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return fig
+
+
+def method_label(row: dict) -> str:
+    """`nemo-c` or `nemo-c alpha=0.25`: a sweep has one heatmap per (method, alpha)."""
+    alpha = row.get("alpha")
+    return str(row["method"]) if alpha is None else f"{row['method']} alpha={alpha:g}"
+
+
+# The quality costs the trade-off chart can put on its x axis: (wide-row column, axis label).
+TRADEOFF_COSTS = (
+    ("clip_drop", "CLIP score drop (before - after; right = prompt alignment lost)"),
+    ("fd_clip", "Frechet distance, before vs after (CLIP image features)"),
+)
+
+
+def tradeoff_chart(rows: Sequence[dict]) -> Figure:
+    """Mitigation score (y) against quality cost (x), one point per alpha and a line per method,
+    one panel per cost of TRADEOFF_COSTS that has values: the curve a user picks an alpha from
+    (up = more memorization removed, right = more quality lost)."""
+    costs = [(c, label) for c, label in TRADEOFF_COSTS if any(r.get(c) is not None for r in rows)]
+    fig = Figure(figsize=(5.2 * max(1, len(costs)), 4.2))
+    methods = sorted({r["method"] for r in rows})
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for k, (col, label) in enumerate(costs):
+        ax = fig.add_subplot(1, len(costs), k + 1)
+        for i, m in enumerate(methods):
+            pts = sorted((r for r in rows if r["method"] == m and r.get(col) is not None
+                          and r.get("mitigation_score") is not None),
+                         key=lambda r: (r["alpha"] is None, r["alpha"] or 0.0))
+            if not pts:
+                continue
+            xs, ys = [r[col] for r in pts], [r["mitigation_score"] for r in pts]
+            ax.plot(xs, ys, marker="o", color=colours[i % len(colours)], label=mpl_text(m))
+            for r, x, y in zip(pts, xs, ys):
+                text = "alpha ?" if r["alpha"] is None else f"alpha={r['alpha']:g}"
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(0, color="#999", linewidth=0.8)
+        ax.margins(x=0.18, y=0.12)  # room for the alpha labels at the ends of the curves
+        ax.set_xlabel(label, fontsize=9)
+        if k == 0:
+            ax.set_ylabel("mitigation score (up = less memorization)")
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Mitigation score against quality cost, per alpha")
+    return fig
+
+
+def detector_groups_of(rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """(prompt_id, group) for detector_agreement.sql rows: the planted group, else mem_type, else none."""
+    return [(r["prompt_id"], r.get("planted") or r.get("mem_type") or "(none)") for r in rows]
+
+
+def detector_auc(rows: Sequence[dict], method: str) -> tuple[float, int]:
+    """AUC of `method`'s score for VM against NM prompts (the toy world's planted groups), or for
+    prompts of the reference set's memorized mem_type VM against prompts with none; NaN when one
+    side is empty. Also how many prompts it was computed over."""
+    from sklearn.metrics import roc_auc_score
+
+    planted = any(r.get("planted") for r in rows)
+    pos, neg = [], []
+    for r in rows:
+        score = r.get(f"{method}_score")
+        if score is None:
+            continue
+        group = r.get("planted") if planted else (r.get("mem_type") or "NM")
+        if group == "VM":
+            pos.append(score)
+        elif group == "NM":
+            neg.append(score)
+    if not pos or not neg:
+        return float("nan"), len(pos) + len(neg)
+    return float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)), len(pos) + len(neg)
+
+
+def detector_chart(rows: Sequence[dict]) -> Figure:
+    """Each detector's scores per prompt group (one panel per method), with its AUC VM vs NM."""
+    methods = [m for m in ("nemo", "wen") if any(r.get(f"{m}_score") is not None for r in rows)]
+    fig = Figure(figsize=(5.0 * max(1, len(methods)), 3.8))
+    groups = sorted({g for _, g in detector_groups_of(rows)}, key=lambda g: (LABELS.index(g) if g in LABELS else 9, g))
+    colours = {**LABEL_COLOURS, "(none)": "#34495e"}
+    for k, m in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods), k + 1)
+        for i, g in enumerate(groups):
+            ys = [r[f"{m}_score"] for r, (_, gg) in zip(rows, detector_groups_of(rows))
+                  if gg == g and r.get(f"{m}_score") is not None]
+            xs = [i + 0.08 * ((j % 5) - 2) for j in range(len(ys))]  # a little spread, deterministic
+            ax.scatter(xs, ys, s=20, color=colours.get(g, "#7f8c8d"), label=mpl_text(g))
+        ax.set_xticks(range(len(groups)), [mpl_text(g) for g in groups])
+        auc, n = detector_auc(rows, m)
+        ax.set_title(f"{m}: AUC VM vs NM {auc:.3f} ({n} prompts)", fontsize=10)
+        ax.set_ylabel("NeMo: max_i m_i" if m == "nemo" else "Wen: ||eps(c_p) - eps(c_0)||")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Memorization detectors per prompt group")
     return fig
 
 
@@ -318,6 +414,7 @@ class Context:
     gallery_per_label: int
     max_prompts: int
     nemo_threshold: float
+    scan_id: str | None = None
 
 
 def section_runs(ctx: Context) -> str:
@@ -367,13 +464,93 @@ def section_mitigation(ctx: Context) -> str:
     charts = []
     for i, r in enumerate(overall):
         rel = ctx.assets.figure(transition_heatmap(r), f"chart-mitigation-{i:02d}.png")
-        charts.append(img_html(rel, f"label transitions for {r['method']}", cls="chart small"))
-    cols = ["method", "pairs", "mitigation_score", "vm_before", "vm_after"]
+        charts.append(img_html(rel, f"label transitions for {method_label(r)}", cls="chart small"))
+    cols = ["method", "alpha", "pairs", "mitigation_score", "vm_before", "vm_after"]
     out = ('<p class="note">rows: label before mitigation, columns: after (most severe first); '
            "the score is the mean transition weight (positive = less memorization).</p>"
            + '<div class="row">' + "".join(charts) + "</div>" + table_html(overall, cols))
     if per_cluster:
-        out += "<h3>Per prompt cluster</h3>" + table_html(per_cluster, ["method", "cluster_id"] + cols[1:])
+        out += "<h3>Per prompt cluster</h3>" + table_html(per_cluster, ["method", "alpha", "cluster_id"] + cols[2:])
+    return out
+
+
+def _alpha_key(alpha: object) -> float | None:
+    """alpha as stored (float32) for joining rows of two queries."""
+    return None if alpha is None else float(np.float32(alpha))
+
+
+def quality_rows_wide(quality: Sequence[dict], scores: Sequence[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """sql/mitigation_quality.sql's rows (one per metric) as one row per (method, alpha, level,
+    cluster), with sql/mitigation_score.sql's score and pairs joined on the same key.
+
+    Returns (overall rows, per-cluster rows, skipped metrics as {method, alpha, metric, note}).
+    Per-image metrics give <metric>_before / _after / _delta (clip_score: clip_before, clip_after,
+    clip_delta and clip_drop = before - after), set distances their value (kid_clip also kid_std).
+    """
+    score_by = {(r["method"], _alpha_key(r["alpha"]), r["level"], r["cluster_id"]): r for r in scores}
+    wide: dict[tuple, dict] = {}
+    skipped: list[dict] = []
+    for q in quality:
+        key = (q["method"], _alpha_key(q["alpha"]), q["level"], q["cluster_id"])
+        note = q.get("note")
+        if note and str(note).startswith("skipped"):
+            skipped.append({"method": q["method"], "alpha": q["alpha"], "metric": q["metric"], "note": note})
+            continue
+        row = wide.get(key)
+        if row is None:
+            s = score_by.get(key, {})
+            row = wide[key] = {"method": q["method"], "alpha": q["alpha"], "level": q["level"],
+                               "cluster_id": q["cluster_id"], "mitigation_score": s.get("mitigation_score"),
+                               "score_pairs": s.get("pairs"), "quality_pairs": q["n_pairs"], "notes": None}
+        m = q["metric"]
+        if m == "clip_score":
+            drop = None if q["value"] is None else -q["value"]
+            row.update(clip_before=q["before"], clip_after=q["after"], clip_delta=q["value"], clip_drop=drop)
+        elif m in ("fd_clip", "kid_clip"):
+            row[m] = q["value"]
+            if m == "kid_clip":
+                row["kid_std"] = q["value_std"]
+        else:
+            row.update({f"{m}_before": q["before"], f"{m}_after": q["after"], f"{m}_delta": q["value"]})
+        row["quality_pairs"] = max(row["quality_pairs"] or 0, q["n_pairs"] or 0)
+        if note:
+            row["notes"] = f"{row['notes']}; {m}: {note}" if row["notes"] else f"{m}: {note}"
+    rows = list(wide.values())
+    return ([r for r in rows if r["level"] == "overall"], [r for r in rows if r["level"] != "overall"], skipped)
+
+
+def _quality_columns(rows: Sequence[dict], first: Sequence[str]) -> list[str]:
+    """The columns of the quality table that hold a value in some row, in a stable order."""
+    seen = {k for r in rows for k, v in r.items() if v is not None}
+    fixed = ["mitigation_score", "score_pairs", "quality_pairs", "clip_before", "clip_after", "clip_delta",
+             "fd_clip", "kid_clip", "kid_std"]
+    extra = sorted(k for k in seen if k.endswith(("_before", "_after", "_delta")) and k not in fixed)
+    return [*first, *(c for c in fixed + extra if c in seen), *(["notes"] if "notes" in seen else [])]
+
+
+def section_quality(ctx: Context) -> str:
+    quality = named_query(ctx.db, ctx.sql, "mitigation_quality")
+    if not quality:
+        return ('<p class="empty">no quality measured yet: `fbmem mitigate` measures it after each alpha '
+                "(CLIP score before/after and Frechet distance / KID between the before and after images).</p>")
+    scores = named_query(ctx.db, ctx.sql, "mitigation_score", rule=ctx.rule)
+    overall, per_cluster, skipped = quality_rows_wide(quality, scores)
+    out = ('<p class="note">Beside the mitigation score, what the after images lost: clip_* is the prompt-image '
+           "cosine (configured CLIP) of the before and after images (delta = after - before); fd_clip and kid_clip "
+           "are the Frechet distance and KID between the before and the after set of CLIP image embeddings "
+           "(0 = unchanged; both grow with the set's shift, and are biased by the set size, so compare alphas "
+           "on the same pairs).</p>")
+    plotted = [r for r in overall if r["mitigation_score"] is not None
+               and any(r.get(c) is not None for c, _ in TRADEOFF_COSTS)]
+    if plotted:
+        rel = ctx.assets.figure(tradeoff_chart(plotted), "chart-quality-tradeoff.png")
+        out += img_html(rel, "mitigation score against quality cost per alpha")
+    out += table_html(overall, _quality_columns(overall, ["method", "alpha"]))
+    if skipped:
+        out += "<h3>Metrics not computed</h3>" + table_html(skipped, ["method", "alpha", "metric", "note"])
+    if per_cluster:
+        out += "<h3>Per prompt cluster</h3>" + table_html(
+            per_cluster, _quality_columns(per_cluster, ["method", "alpha", "cluster_id"]), limit=200)
     return out
 
 
@@ -407,6 +584,68 @@ def section_nemo(ctx: Context) -> str:
     neurons = named_query(ctx.db, ctx.sql, "neuron_sets_by_layer")
     out += "<h3>Neuron sets per layer</h3>" + (table_html(neurons) if neurons else NO_DATA)
     return out
+
+
+def section_detectors(ctx: Context) -> str:
+    rows = named_query(ctx.db, ctx.sql, "detector_agreement")
+    if not rows:
+        return ('<p class="empty">no detector scores yet: `fbmem detect --method nemo|wen` (a scan runs both).</p>')
+    out = ('<p class="note">NeMo\'s detector (SPEC 6: how alike the noise differences of several latents '
+           "are at the first step) beside Wen et al.'s (ICLR 2024: the magnitude of the text-conditional noise "
+           "prediction over the first steps and seeds, no image needed). Cost: UNet evaluations of one latent "
+           "row and actor seconds per prompt, as measured when the scores were computed.</p>")
+    out += img_html(ctx.assets.figure(detector_chart(rows), "chart-detectors.png"), "detector scores per group")
+    summary = []
+    for m in ("nemo", "wen"):
+        scored = [r for r in rows if r.get(f"{m}_score") is not None]
+        if not scored:
+            continue
+        auc, n = detector_auc(rows, m)
+        summary.append({"method": m, "prompts": len(scored), "auc_vm_vs_nm": auc, "auc_prompts": n,
+                        "unet_evals_per_prompt": sum(r.get(f"{m}_unet_calls") or 0 for r in scored) / len(scored),
+                        "seconds_per_prompt": sum(r.get(f"{m}_seconds") or 0.0 for r in scored) / len(scored)})
+    out += table_html(summary)
+    groups = named_query(ctx.db, ctx.sql, "detector_groups")
+    out += "<h3>Per prompt group</h3>" + table_html(groups)
+    out += "<h3>Per prompt</h3>" + table_html(rows, limit=ctx.max_prompts)
+    return out
+
+
+def _scan_to_show(ctx: Context) -> str | None:
+    if ctx.scan_id:
+        return ctx.scan_id
+    if not ctx.db.has_table("scans"):
+        return None
+    rows = ctx.db.read("scans", ["scan_id", "started_at"]).to_pylist()
+    return max(rows, key=lambda r: r["started_at"])["scan_id"] if rows else None
+
+
+def section_scan(ctx: Context) -> str:
+    scan_id = _scan_to_show(ctx)
+    if scan_id is None:
+        return '<p class="empty">not written by a scan (`fbmem scan SPEC --db DB` runs every stage).</p>'
+    scan = ctx.db.read("scans", where=f"scan_id = {sql_literal(scan_id)}").to_pylist()[0]
+    stages = sorted(ctx.db.read("scan_stages", where=f"scan_id = {sql_literal(scan_id)}").to_pylist(),
+                    key=lambda r: r["ordinal"])
+    rows = [{"stage": r["stage"], "status": r["status"], "seconds": r["seconds"], "attempts": len(r["run_ids"] or []),
+             "counts": (r["counts_json"] or "")[:240], "error": r["message"]} for r in stages]
+    out = (f"<p>Scan <code>{esc(scan_id)}</code> of spec <code>{esc(scan['name'])}</code>, model "
+           f"<code>{esc(scan['model_id'])}</code>: started {esc(fmt(scan['started_at']))}, "
+           f"{esc(scan['attempts'])} attempt(s).</p>")
+    out += "<h3>Stages</h3>" + table_html(rows)
+    prev = [r for r in ctx.db.read("scans", ["scan_id", "name", "status", "started_at"]).to_pylist()
+            if r["name"] == scan["name"] and r["status"] == "done" and r["scan_id"] != scan_id
+            and r["started_at"] < scan["started_at"]]
+    if not prev:
+        return out + '<p class="empty">no earlier finished scan of this spec to compare with.</p>'
+    a = max(prev, key=lambda r: r["started_at"])["scan_id"]
+    diff = named_query(ctx.db, ctx.sql, "scan_diff", a=a, b=scan_id)
+    counts: dict[str, int] = {}
+    for d in diff:
+        counts[d["change"]] = counts.get(d["change"], 0) + 1
+    out += (f"<h3>What changed since {esc(a)}</h3><p>{esc(json.dumps(counts) if counts else 'nothing')} "
+            f"(<code>fbmem sql scan_diff --param a={esc(a)} --param b={esc(scan_id)}</code>)</p>")
+    return out + (table_html(diff, limit=100) if diff else "")
 
 
 def section_gallery(ctx: Context) -> str:
@@ -473,11 +712,14 @@ def _card(c: dict, panels: list[tuple[str, str]], problems: list[str], missing_m
 
 
 SECTIONS: tuple[tuple[str, str, Callable[[Context], str]], ...] = (
+    ("scan", "Scan", section_scan),
     ("runs", "Run summary", section_runs),
     ("labels", "FB-Mem label distribution", section_labels),
     ("one-to-many", "One-to-many correspondence", section_one_to_many),
     ("mitigation", "Mitigation", section_mitigation),
+    ("quality", "Quality cost of mitigation", section_quality),
     ("nemo", "NeMo detection and neurons", section_nemo),
+    ("detectors", "Detectors: NeMo and Wen et al.", section_detectors),
     ("gallery", "Strongest cases", section_gallery),
 )
 
@@ -547,6 +789,7 @@ def write_report(
     max_prompts: int = 30,
     nemo_threshold: float = 0.428,
     sql_folder: Path | None = None,
+    scan_id: str | None = None,
 ) -> Path:
     """Write `out_dir/index.html` plus `out_dir/img/*.png`; returns the index.html path.
 
@@ -560,7 +803,7 @@ def write_report(
     assets = Assets(out_dir)
     assets.clear()
     ctx = Context(db=db, sql=folder, assets=assets, rule=rule, gallery_per_label=gallery_per_label,
-                  max_prompts=max_prompts, nemo_threshold=nemo_threshold)
+                  max_prompts=max_prompts, nemo_threshold=nemo_threshold, scan_id=scan_id)
     sections = [build_section(ctx, key, t, fn) for key, t, fn in SECTIONS]
     index = out_dir / "index.html"
     tmp = index.with_suffix(".html.tmp")

@@ -8,6 +8,10 @@ ledger's finished shard ids for these settings with a filter (never the image ke
 thousand shard ids at LAION scale) and skips those shards unread. A shard cut off by a crash is
 not in the ledger and is read again; its rows already committed are skipped by the key check.
 Eager masks satisfy a lazy rerun (they hold everything lazy needs), not the reverse.
+
+Within a scan (`fbmem scan`), the same ledger also keeps the scan's own view of its shards in
+`scan_shards`: every listed shard is `pending` or `done-before` (finished by an earlier run) when
+the ingest starts, and turns `done` when the ledger marks it; a resumed scan keeps its `done` rows.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import pyarrow.compute as pc
 from fbmem.pipelines.sources import Shard
 from fbmem.storage.database import Database
 from fbmem.storage.keys import sql_list, sql_literal, stable_hash
-from fbmem.storage.schema import INGEST_SHARDS, now_utc
+from fbmem.storage.schema import INGEST_SHARDS, SCAN_SHARDS, now_utc
 
 LEDGER = "ingest_shards"
+SCAN_SHARDS_TABLE = "scan_shards"
 
 
 @dataclass
@@ -55,8 +60,29 @@ class ShardCounts:
 class ShardLedger:
     """Finished shards of one (target table, CLIP model, mask mode)."""
 
-    def __init__(self, db: Database, *, table: str, model: str, masks: str) -> None:
-        self.db, self.table, self.model, self.masks = db, table, model, masks
+    def __init__(self, db: Database, *, table: str, model: str, masks: str, scan_id: str | None = None) -> None:
+        self.db, self.table, self.model, self.masks, self.scan_id = db, table, model, masks, scan_id
+
+    def _scan_row(self, shard: Shard, status: str, run_id: str, counts: ShardCounts | None = None) -> dict:
+        return {"scan_shard_id": stable_hash(self.scan_id, shard.shard_id, self.table), "scan_id": self.scan_id,
+                "shard_id": shard.shard_id, "source": shard.source, "target_table": self.table, "status": status,
+                "rows_in": counts.rows if counts else None, "rows_written": counts.written if counts else None,
+                "errors": counts.errors if counts else None, "run_id": run_id, "updated_at": now_utc()}
+
+    def note_listed(self, shards: Sequence[Shard], finished: set[str], run_id: str) -> None:
+        """A scan's shard rows at the start of an ingest: `done-before` or `pending` (one upsert),
+        leaving the rows this scan already marked `done` (a resumed scan) as they are."""
+        if self.scan_id is None or not shards:
+            return
+        done_here: set[str] = set()
+        if self.db.has_table(SCAN_SHARDS_TABLE):
+            done_here = set(self.db.read(SCAN_SHARDS_TABLE, ["shard_id"], (
+                f"scan_id = {sql_literal(self.scan_id)} AND target_table = {sql_literal(self.table)} "
+                "AND status = 'done'")).column(0).to_pylist())
+        rows = [self._scan_row(s, "done-before" if s.shard_id in finished else "pending", run_id)
+                for s in shards if s.shard_id not in done_here]
+        if rows:
+            self.db.upsert(SCAN_SHARDS_TABLE, pa.Table.from_pylist(rows, schema=SCAN_SHARDS))
 
     def ledger_id(self, shard_id: str) -> str:
         return stable_hash(shard_id, self.table, self.model, self.masks)
@@ -90,6 +116,7 @@ class ShardLedger:
 
     def mark_done(self, shards: Iterable[tuple[Shard, ShardCounts]], run_id: str) -> int:
         """Record finished shards (one upsert for all of them); returns how many."""
+        shards = list(shards)
         rows = [
             {"ledger_id": self.ledger_id(s.shard_id), "shard_id": s.shard_id, "source": s.source,
              "shard_kind": s.kind, "shard_spec": json.dumps(s.label, sort_keys=True),
@@ -100,4 +127,7 @@ class ShardLedger:
         ]
         if rows:
             self.db.upsert(LEDGER, pa.Table.from_pylist(rows, schema=INGEST_SHARDS))
+            if self.scan_id is not None:
+                self.db.upsert(SCAN_SHARDS_TABLE, pa.Table.from_pylist(
+                    [self._scan_row(s, "done", run_id, c) for s, c in shards], schema=SCAN_SHARDS))
         return len(rows)

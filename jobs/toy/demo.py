@@ -5,13 +5,15 @@ is real and known.
    (jobs/toy/corpus.py), written as a folder source with exact masks;
 2. a tiny latent diffusion model trained on it here (jobs/toy/train.py), cached in the demo folder
    and reused while corpus and settings match;
-3. the jobs, each through the CLI's job context (jobs/runtime/context.py: settings, database,
-   Ray, a `runs` row), with local Ray and a LanceDB folder: ingest (CLIP embeddings; the corpus's
-   exact masks as given), prompts, clustering of the memorized prompts, generation of N seeded
-   samples per prompt, FB-Mem labels, NeMo statistics / detection / localization, NeMo and NeMo-C mitigation
-   with regeneration and relabelling, the mitigation scores, and the HTML report. Every model
-   runs in a Ray actor (the pipelines' Ray Data actors; NeMo's model and the controls in
-   `DiffusionWorker` actors, jobs/model_actors.py), never in this process.
+3. the toy world's scan (jobs/toy/toy_scan.yaml, copied to OUT/scan.yaml), run by `fbmem scan`'s
+   code (jobs/scan.py) with local Ray and a LanceDB folder: ingest (CLIP embeddings; the corpus's
+   exact masks as given), the index, prompts, clustering of the memorized prompts, generation of N
+   seeded samples per prompt, FB-Mem labels, NeMo statistics / detection / localization, both
+   detectors (NeMo's and Wen et al.'s), NeMo and NeMo-C mitigation with regeneration, relabelling,
+   mitigation scores and quality cost, and the HTML report; then the demo's own checks on the
+   console (detector AUCs and costs, NeMo's verdicts, the all-off and random-neuron controls).
+   Every model runs in a Ray actor (the pipelines' Ray Data actors; NeMo's model and the controls
+   in `DiffusionWorker` actors, jobs/model_actors.py), never in this process.
 Settings: the base preset (tiny) with the demo's layer `jobs/presets/demo.yaml` over it.
 The tables it prints are named queries of `sql/`, runnable with `fbmem sql NAME --db OUT/db`.
 Models: the trained toy diffusion model (its own text encoder is frozen and random, as SD's is
@@ -23,14 +25,16 @@ rerun-safe job: a second demo reuses what it finds.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
-from fbmem.jobs.config import Config, preset_dict, set_dotted
+from fbmem.jobs.config import Config, dotted_leaves, preset_dict, set_dotted
 from fbmem.jobs.core.label_rule import LABELS, NM, VM
 from fbmem.jobs.runtime.context import JobContext
 from fbmem.jobs.sql_output import format_table
@@ -59,23 +63,12 @@ def build_world(out: Path, spec: ToyCorpusSpec):
     return world, corpus
 
 
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested settings mapping as dotted keys of its leaves (`{"a": {"b": 1}}` -> `{"a.b": 1}`)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def demo_config(base: Config, model_dir: Path, overrides: dict[str, object] | None = None) -> Config:
     """The demo's settings: `base` (the tiny preset, the caller's --config), then the demo's layer
     (jobs/presets/demo.yaml), the model trained here, then the caller's dotted overrides
     (`fbmem demo --set generation.n=2` must win over the demo's own choice)."""
     data = base.model_dump()
-    layers = {**_dotted(preset_dict(DEMO_PRESET)), "models.diffusion.model": str(model_dir), **(overrides or {})}
+    layers = {**dotted_leaves(preset_dict(DEMO_PRESET)), "models.diffusion.model": str(model_dir), **(overrides or {})}
     for key, value in layers.items():
         set_dotted(data, key, value)
     return Config.model_validate(data)
@@ -204,19 +197,73 @@ def toy_model_check(model_dir: Path, corpus) -> dict:
         return pool.call("apply", memorization_check, corpus)
 
 
+DEMO_SPEC = "toy_scan.yaml"  # jobs/toy/toy_scan.yaml: the toy world's scan spec, shipped with the demo
+
+
+def write_demo_spec(out: Path) -> Path:
+    """The shipped toy scan spec, copied next to the world and the model it names (relative paths)."""
+    from importlib import resources
+
+    path = Path(out) / "scan.yaml"
+    path.write_text((resources.files("fbmem.jobs.toy") / DEMO_SPEC).read_text())
+    return path
+
+
+def detector_comparison(db: Database) -> str:
+    """Both detectors on the toy world: AUC VM vs NM, scores per planted group, cost per prompt."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = _sql(db, "detector_agreement").to_pylist()
+    planted = {r["prompt_id"]: r["planted"] for r in db.read("prompts", ["prompt_id", "planted"]).to_pylist()}
+    lines = []
+    for method in ("nemo", "wen"):
+        scored = [(planted.get(r["prompt_id"]), r[f"{method}_score"]) for r in rows if r[f"{method}_score"] is not None]
+        vm_nm = [(g == VM, s) for g, s in scored if g in (VM, NM)]
+        y = [v for v, _ in vm_nm]
+        auc = roc_auc_score(y, [s for _, s in vm_nm]) if 0 < sum(y) < len(y) else float("nan")
+        calls = sum(r[f"{method}_unet_calls"] or 0 for r in rows)
+        secs = sum(r[f"{method}_seconds"] or 0.0 for r in rows)
+        n = len(scored) or 1
+        lines.append(f"{method}: AUC VM vs NM {auc:.3f} over {len(vm_nm)} prompts; cost {calls / n:.0f} UNet "
+                     f"evaluations and {secs / n:.2f} s per prompt ({len(scored)} prompts, measured in this run)")
+    groups = _sql(db, "detector_groups")
+    cols = [c for c in ("grp", "prompts", "nemo_mean", "wen_mean", "rank_corr") if c in groups.column_names]
+    table = format_table(groups.filter(pa.compute.equal(groups.column("group_kind"), "planted")).select(cols)) \
+        if "group_kind" in groups.column_names else format_table(groups)
+    return table + "\n" + "\n".join(lines)
+
+
+def quality_summary(db: Database) -> str:
+    """What each mitigation cost in image quality (overall): CLIP score before/after, FD and KID."""
+    rows = [r for r in _sql(db, "mitigation_quality").to_pylist() if r["level"] == "overall"]
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        out.setdefault((r["method"], r["alpha"]), {})[r["metric"]] = r
+    lines = []
+    for (method, alpha), m in sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0)):
+        clip, fd, kid = m.get("clip_score"), m.get("fd_clip"), m.get("kid_clip")
+        parts = [f"{method} (alpha {alpha or 0:g}):"]
+        if clip:
+            parts.append(f"CLIP score {clip['before']:.4f} -> {clip['after']:.4f} over {clip['n_pairs']} pairs")
+        if fd:
+            parts.append(f"FD(CLIP) {fd['value']:.4g}")
+        if kid:
+            parts.append(f"KID(CLIP) {kid['value']:.4g}")
+        lines.append(" ".join(parts))
+    return "\n".join(lines) or "no mitigation quality measured"
+
+
 def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = None,
              corpus_spec: ToyCorpusSpec | None = None, train_spec=None) -> None:
-    """The whole demo into `out`: `cfg` is the base (`fbmem demo`'s --preset and --config), the
-    demo's settings go over it (`demo_config`), then `overrides` (--set). The specs default to the
-    real toy world and model; tests pass small ones."""
-    from fbmem.jobs.cluster import run_cluster
-    from fbmem.jobs.generate import run_generate
-    from fbmem.jobs.ingest import ingest_images, ingest_prompts
-    from fbmem.jobs.label import format_distribution, run_label_job
-    from fbmem.jobs.mitigate import run_mitigate
+    """The whole demo into `out`: the toy world and its model, then the shipped toy scan
+    (jobs/toy/toy_scan.yaml, run by `fbmem scan`'s code with the demo's settings), then what the
+    demo adds to the scan's report on the console: both detectors, NeMo's verdicts and its
+    controls. `cfg` is the base (`fbmem demo`'s --preset and --config), the demo's settings go
+    over it (`demo_config`), then `overrides` (--set). The specs default to the real toy world and
+    model; tests pass small ones."""
     from fbmem.jobs.model_actors import nemo_pool
-    from fbmem.jobs.nemo import prompt_set_source, read_stats, run_localize, run_stats
-    from fbmem.jobs.report import write_report
+    from fbmem.jobs.scan import run_scan
+    from fbmem.jobs.scan_spec import load_scan_spec
     from fbmem.jobs.toy.train import ToyTrainSpec, ensure_toy_model
 
     t0 = _T0[0] = time.perf_counter()
@@ -233,78 +280,56 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
     model_dir = ensure_toy_model(out / "model", corpus, train_spec or ToyTrainSpec())
     print(f"model: {model_dir} ({time.perf_counter() - t:.0f} s)")
 
-    _step("start Ray")
+    _step("fbmem scan: ingest, index, prompts, cluster, generate, label, NeMo, detectors, mitigation, report")
+    spec = load_scan_spec(write_demo_spec(out))
+    # the demo's settings exactly (base < demo layer < model < --set), as the scan's settings
+    settings = dotted_leaves(demo_config(cfg, model_dir, overrides).model_dump())
+    result = run_scan(spec, str(out / "db"), settings=settings)
     job = JobContext(demo_config(cfg, model_dir, overrides), str(out / "db"))
     cfg, db = job.cfg, job.db
-    job.ensure_ray()
-
-    _step("ingest training images and prompts")
-    images, prompts_csv = world / "images", world / "prompts.csv"
-    with job.run("ingest-training", {"src": str(images)}) as run:
-        ingest_images(db, cfg, str(images), target="training", kind="folder", masks="lazy", run=run)
-    with job.run("ingest-prompts", {"csv": str(prompts_csv)}) as run:
-        ingest_prompts(db, cfg, prompts_csv, run=run)
-
-    _step("cluster the memorized prompts (NeMo-C)")
-    with job.run("cluster", {"where": MEMORIZED}) as run:
-        res = run_cluster(db, cfg, run=run, where=MEMORIZED)
-    print(f"silhouette {res['silhouette']:.3f}, cluster sizes {res['sizes']}")
-
-    _step(f"generate {cfg.generation.n} samples per prompt")
-    with job.run("generate", {"n": cfg.generation.n}) as run:
-        run_generate(db, cfg, run=run)
+    stages = result.summary["stages"]
+    for stage, st in stages.items():
+        print(f"  {stage:<9} {st['status']:<8} {st['seconds']:>7.1f} s  {json.dumps(st['counts'], default=str)[:160]}")
 
     _step("FB-Mem labels")
-    with job.run("label", {"where": UNMITIGATED}) as run:
-        dist = run_label_job(db, cfg, run=run, where=UNMITIGATED)
-    print(f"labels: {format_distribution(dist)}")
+    print("labels: " + "  ".join(f"{lab}={result.summary['labels'][lab]} ({result.summary['shares'][lab]:.0%})"
+                                 for lab in LABELS))
 
-    _step("NeMo: statistics, detection, localization")
-    model_id = cfg.models.diffusion.model_id
-    ordinary = db.read("prompts", ["text"], where=ORDINARY).column(0).to_pylist()
-    source = prompt_set_source(ordinary)
-    have = db.count("neuron_stats", f"model_id = {sql_literal(model_id)} AND stats_source = {sql_literal(source)}")
-    with job.run("nemo-stats", {"prompts": ORDINARY}) as run:
-        if not have:
-            run_stats(db, cfg, None, ordinary, source=source, run=run)  # on its own actors
-    stats = read_stats(db, model_id, source)
-    prompts = db.read("prompts", ["prompt_id", "text"])
-    # The model's actors (resources.nemo) for localization and the control after it; started on
-    # first use, so a rerun that reuses every result and needs no control starts none.
-    with nemo_pool(cfg) as pool:
-        with job.run("nemo-localize", {"prompts": "all"}) as run:
-            nemo_rows = run_localize(db, cfg, pool, prompts, stats, run, batched=True, only_memorized=True)
-        table, auc = detection_summary(db)
-        print(table)
-        localized = [r for r in nemo_rows if r.get("n_initial") is not None]
-        reached = sum(bool(r.get("criterion_reached")) for r in localized)
-        print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
-              f"not reached (search gave up, set kept) for {len(localized) - reached}")
-        print(nemo_outcomes(db))
-        if localized and reached < len(localized):
-            # Is the criterion reachable at all? Switch every value neuron off for each prompt.
-            texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("text").to_pylist()))
-            floor = [score for _, score in pool.map("all_off_score", [texts[r["prompt_id"]] for r in localized],
+    _step("NeMo: detection and localization")
+    table, auc = detection_summary(db)
+    print(table)
+    localized = [r for r in _sql(db, "nemo_by_prompt", localized_only=True).to_pylist()]
+    reached = sum(bool(r.get("criterion_reached")) for r in localized)
+    print(f"localized {len(localized)} detected prompts; NeMo criterion reached for {reached}, "
+          f"not reached (search gave up, set kept) for {len(localized) - reached}")
+    print(nemo_outcomes(db))
+    job.ensure_ray()
+    if localized and reached < len(localized):
+        # Is the criterion reachable at all? Switch every value neuron off for each prompt.
+        with nemo_pool(cfg) as pool:
+            floor = [score for _, score in pool.map("all_off_score", [r["prompt"] for r in localized],
                                                     cfg.nemo, cfg.generation.size)]
-            print(f"control: with ALL value neurons off, s(B) is {min(floor):.3f}-{max(floor):.3f} for these prompts "
-                  f"(criterion: <= {cfg.nemo.threshold:g}); "
-                  + ("the criterion is out of reach in this model at t_1, whatever neurons are chosen"
-                     if min(floor) > cfg.nemo.threshold else "so the criterion is reachable for some"))
+        print(f"control: with ALL value neurons off, s(B) is {min(floor):.3f}-{max(floor):.3f} for these prompts "
+              f"(criterion: <= {cfg.nemo.threshold:g}); "
+              + ("the criterion is out of reach in this model at t_1, whatever neurons are chosen"
+                 if min(floor) > cfg.nemo.threshold else "so the criterion is reachable for some"))
 
-    results = {}
-    for method in ("nemo", "nemo-c"):
-        _step(f"mitigation: {method}")
-        with job.run("mitigate", {"method": method}) as run:
-            try:
-                results[method] = run_mitigate(db, cfg, method=method, run=run)
-            except ValueError as exc:  # e.g. nothing localized: say so, keep going
-                print(f"{method}: not run: {exc}")
-                continue
-        r = results[method]
+    _step("detectors: NeMo's and Wen et al.'s, side by side")
+    print(detector_comparison(db))
+
+    mitigation = stages.get("mitigate", {}).get("counts") or {}
+    for key, r in mitigation.items():
+        method = key.split("@")[0]
+        _step(f"mitigation: {key}")
+        if "not_run" in r:
+            print(f"{method}: not run: {r['not_run']}")
+            continue
         print(f"{method}: mitigation score {r['score']:.3f} over {r['pairs']} pairs; "
               f"VM before {r['vm_before']}, after {r['vm_after']}")
+    _step("quality cost of mitigation (CLIP score, FD and KID on CLIP embeddings)")
+    print(quality_summary(db))
 
-    if "nemo-c" in results:
+    if any("not_run" not in r for k, r in mitigation.items() if k.startswith("nemo-c")):
         _step("control: NeMo-C's neurons against random neurons")
         with nemo_pool(cfg) as pool:
             line = random_neuron_control(db, cfg, pool, corpus)
@@ -318,6 +343,6 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
         ["prompt", "planted", "generations", "distinct_vm_images", "distinct_fm_images", "distinct_bm_images"])))
 
     _step("report")
-    index = write_report(db, out / "report", title="fbmem demo: toy world", nemo_threshold=cfg.nemo.threshold)
-    print(f"report: {index}")
+    print(f"report: {stages.get('report', {}).get('counts', {}).get('report')}")
+    print(f"scan: {result.scan_id} ({result.how}); `fbmem scans --db {out / 'db'}` lists the scans")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; database: {out / 'db'}")

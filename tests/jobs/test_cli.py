@@ -50,12 +50,13 @@ def test_every_job_command_takes_the_common_options():
     commands = dict(_commands(typer.main.get_command(app)))
     assert {"ingest training", "ingest generations", "ingest prompts", "index", "label", "cluster", "generate",
             "mitigate", "report", "nemo stats", "nemo detect", "nemo localize", "tables", "sql", "demo",
-            "toy train"} == set(commands)
+            "toy train", "detect", "scan", "scans", "runs"} == set(commands)
     for name, cmd in commands.items():
         opts = {o for p in cmd.params for o in p.opts}
         if name == "toy train":
             continue
-        assert {"--preset", "--config", "--set"} <= opts, name
+        # a scan's settings are its spec's (preset, config file, settings); --set still wins
+        assert ({"--set"} if name == "scan" else {"--preset", "--config", "--set"}) <= opts, name
         if name != "demo":
             db = next(p for p in cmd.params if "--db" in p.opts)
             assert db.required and db.envvar == "FBMEM_DB", name

@@ -6,11 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -23,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from bad_inputs import write_good_images
+from chaos import cli, kill_tree, run_cli
 from typer.testing import CliRunner
 
 from fbmem.jobs.cli import app
@@ -69,66 +66,6 @@ def corpus_with_copies(folder: Path, n: int, copied: int, copies: int, seed: int
 # ------------------------------------------------------------------------- kill -9 mid-way, rerun
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc), children first found."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
-
-
-def _cli(args: list[str], ray_tmp: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(FBMEM_RAY_TMP=ray_tmp, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO / "tests"))
-    return subprocess.Popen([sys.executable, "-c", "from fbmem.jobs.cli import main; main()", *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the CLI and then every process it had started (its local Ray), by their ids."""
-    tree = _descendants(proc.pid)
-    proc.kill()
-    proc.wait()
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 30
-    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in tree):
-        time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _run_cli(args: list[str], ray_tmp: str, timeout: float = 600) -> str:
-    proc = _cli(args, ray_tmp)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     """Where the databases of a test live: (uri of a new database by name, storage options, CLI args)."""
@@ -160,8 +97,8 @@ def test_killed_ingest_then_rerun_equals_an_uninterrupted_run(tmp_path, store) -
     ray_tmp = tempfile.mkdtemp(prefix="fbk", dir="/tmp")
     whole, killed = db_of("whole"), db_of("killed")
     try:
-        _run_cli(["ingest", "training", str(folder), "--db", whole, "--preset", "tiny", *settings], ray_tmp)
-        proc = _cli(["ingest", "training", str(folder), "--db", killed, "--preset", "tiny", *settings], ray_tmp)
+        run_cli(["ingest", "training", str(folder), "--db", whole, "--preset", "tiny", *settings], ray_tmp)
+        proc = cli(["ingest", "training", str(folder), "--db", killed, "--preset", "tiny", *settings], ray_tmp)
         done_at_kill = 0
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
@@ -173,10 +110,10 @@ def test_killed_ingest_then_rerun_equals_an_uninterrupted_run(tmp_path, store) -
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the ingest finished before it could be killed mid-way"
-        _kill_tree(proc)
+        kill_tree(proc)
         rows_at_kill = _dataset(killed, "training_images", so).count_rows()
         assert 2 <= done_at_kill < n_shards and rows_at_kill > 0, (done_at_kill, rows_at_kill)
-        _run_cli(["ingest", "training", str(folder), "--db", killed, "--preset", "tiny", *settings], ray_tmp)
+        run_cli(["ingest", "training", str(folder), "--db", killed, "--preset", "tiny", *settings], ray_tmp)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -160,7 +160,7 @@ def test_report_renders_charts_gallery_and_sections(labelled_db, tmp_path):
     page = index.read_text()
 
     # sections and their content
-    for key in ("runs", "labels", "one-to-many", "mitigation", "nemo", "gallery"):
+    for key in ("runs", "labels", "one-to-many", "mitigation", "quality", "nemo", "gallery"):
         assert f'<section id="{key}">' in page
     assert "section failed" not in page
     assert "Planted &lt;audit&gt;" in page
@@ -177,6 +177,7 @@ def test_report_renders_charts_gallery_and_sections(labelled_db, tmp_path):
     before, after = zip(*pairs.values())
     assert f"{mitigation_score(before, after):.4g}" in page
     assert "no mitigated generations" not in page
+    assert "no quality measured yet" in page  # quality rows are written by `fbmem mitigate`, not here
     assert "Neuron sets per layer" in page
 
     # image files beside the page, referenced relatively
@@ -230,6 +231,7 @@ def test_empty_database_gives_no_data_sections(tmp_path):
         section = page.split(f'<section id="{key}">', 1)[1].split("</section>", 1)[0]
         assert "no data yet" in section, key
     assert "no mitigated generations yet" in page
+    assert "no quality measured yet" in page
     assert "<img" not in page
     attrs = body_attrs(render_in_chromium(index, tmp_path))
     assert attrs["data-images-total"] == "0" and attrs["data-images-loaded"] == "0"
@@ -239,3 +241,146 @@ def test_missing_sql_folder_is_a_clear_error(tmp_path):
     db = connect(str(tmp_path / "db"))
     with pytest.raises(FileNotFoundError, match="named SQL queries"):
         write_report(db, tmp_path / "out", sql_folder=tmp_path / "no-sql")
+
+
+# ------------------------------------------------------------------------------ quality cost
+
+
+SWEEP = {  # (method, alpha) -> (after-label of every pair, shift of the after set's CLIP vectors)
+    ("nemo", 0.0): ("NM", 0.6), ("nemo", 0.25): ("BM", 0.3), ("nemo", 0.5): ("VM", 0.0),
+    ("nemo-c", 0.0): ("NM", 0.8), ("nemo-c", 0.5): ("FM", 0.2),
+}
+
+
+def quality_world(db, cfg) -> None:
+    """Prompts in two clusters, 3 samples each, all VM before; a dampening sweep per method whose
+    after sets are the before set shifted by SWEEP's amount and labelled SWEEP's label."""
+    rng = np.random.default_rng(1)
+    d, pids = 16, [f"q{i}" for i in range(6)]
+    clip, model = cfg.models.clip.model_id, cfg.models.diffusion.model_id
+
+    def vecs(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d), x
+
+    text_arr, text = vecs(rng.normal(size=(6, d)))
+    db.upsert("prompts", pa.table({"prompt_id": pids, "text": pids, "embedding": text_arr, "embedding_model": [clip] * 6,
+                                   "cluster_id": pa.array([i % 2 for i in range(6)], pa.int32()), "run_id": ["t"] * 6}))
+    keys = [(p, s) for p in pids for s in range(3)]
+    _, before = vecs(np.repeat(text, 3, axis=0) + 0.6 * rng.normal(size=(len(keys), d)))
+    shift = np.eye(d)[0]
+    rows, labels, embs = [], [], []
+    for method, alpha, lab, delta in [("none", None, "VM", 0.0)] + [(m, a, lab, dl) for (m, a), (lab, dl) in SWEEP.items()]:
+        for (p, s), e in zip(keys, before + delta * shift):
+            gid = f"{p}-{s}-{method}-{alpha}"
+            rows.append({"generation_id": gid, "prompt_id": p, "seed": s, "sample": s, "model_id": model,
+                         "mitigation": method, "alpha": alpha, "image_sha256": gid, "embedding_model": clip, "run_id": "t"})
+            embs.append(e)
+            labels.append({"label_id": gid, "generation_id": gid, "prompt_id": p, "label": lab, "rule": "most-severe",
+                           "run_id": "t"})
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.stack(embs).astype(np.float32).ravel()), d)
+    table = pa.Table.from_pylist(rows).append_column("embedding", emb)
+    table = table.set_column(table.schema.get_field_index("alpha"), "alpha", pa.array([r["alpha"] for r in rows], pa.float32()))
+    db.upsert("generations", table)
+    db.upsert("labels", pa.Table.from_pylist(labels))
+
+
+def test_report_shows_the_quality_tradeoff_chart(tmp_path):
+    from fbmem.jobs.config import load_config
+    from fbmem.jobs.quality import IQA_METRICS, run_quality
+    from fbmem.jobs.runtime.run_record import RunRecord
+
+    cfg = load_config("tiny", overrides={"quality.metrics": ["clip_score", "fd_clip", "kid_clip", "dbcnn"],
+                                         "quality.kid_subset_size": 4, "quality.kid_subsets": 5})
+    assert "dbcnn" in IQA_METRICS
+    db = connect(str(tmp_path / "db"))
+    quality_world(db, cfg)
+    for method, alpha in SWEEP:
+        with RunRecord(db, "quality", cfg) as run:
+            run_quality(db, cfg, method=method, alpha=alpha, run=run)
+    index = write_report(db, tmp_path / "out")
+    page = index.read_text()
+    section = page.split('<section id="quality">', 1)[1].split("</section>", 1)[0]
+    assert "section failed" not in page
+    assert 'src="img/chart-quality-tradeoff.png"' in section
+    # one overall row per (method, alpha), with its own mitigation score beside the quality numbers
+    table = section.split("<table>", 1)[1].split("</table>", 1)[0]
+    head = re.findall(r"<th>([^<]*)</th>", table)
+    assert head[:5] == ["method", "alpha", "mitigation_score", "score_pairs", "quality_pairs"]
+    assert {"clip_before", "clip_after", "clip_delta", "fd_clip", "kid_clip"} <= set(head)
+    body = [re.findall(r"<td[^>]*>([^<]*)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    assert len(body) == len(SWEEP)
+    at = {h: i for i, h in enumerate(head)}
+    weight = {"NM": 2.0, "BM": 1.5, "FM": 0.5, "VM": 0.0}
+    for cells in body:
+        lab, delta = SWEEP[(cells[at["method"]], float(cells[at["alpha"]]))]
+        assert float(cells[at["mitigation_score"]]) == pytest.approx(weight[lab])
+        assert float(cells[at["fd_clip"]]) == pytest.approx(delta**2, rel=1e-3, abs=1e-4)
+    # the pyiqa metric without weights is listed as skipped, once per (method, alpha)
+    assert "Metrics not computed" in section and section.count("skipped: weights not present") == len(SWEEP)
+    assert "Per prompt cluster" in section
+    # the chart, like the other charts, loads in a real browser from disk
+    attrs = body_attrs(render_in_chromium(index, tmp_path))
+    assert attrs.get("data-ready") == "yes"
+    assert int(attrs["data-images-loaded"]) == int(attrs["data-images-total"]) >= 1 + len(SWEEP)  # + heatmaps
+    assert "chart-quality-tradeoff.png" not in attrs.get("data-images-broken", "")
+    with Image.open(index.parent / "img" / "chart-quality-tradeoff.png") as im:
+        assert im.size[0] > im.size[1] > 200  # two panels side by side
+
+
+def test_report_shows_both_detectors_and_the_scan_with_what_changed(tmp_path):
+    """Detector scores per planted group (AUC of each method, VM vs NM), and a scan's stages with
+    the changes since the previous scan of its spec, written as the jobs write them."""
+    import json as _json
+
+    import pyarrow as pa
+
+    from fbmem.storage.schema import DETECTIONS, LABEL_CHANGES, SCAN_STAGES, SCANS, now_utc
+
+    db = connect(str(tmp_path / "db"))
+    groups = {"p-vm1": "VM", "p-vm2": "VM", "p-nm1": "NM", "p-nm2": "NM", "p-fm": "FM"}
+    db.upsert("prompts", pa.table({"prompt_id": list(groups), "text": [f"prompt {p}" for p in groups],
+                                   "planted": list(groups.values()), "run_id": ["t"] * len(groups),
+                                   "embedding": pa.array([[1.0, 0.0]] * len(groups), pa.list_(pa.float32(), 2))}))
+    # nemo separates VM from NM perfectly; wen ranks one NM above one VM (AUC 0.75)
+    scores = {"nemo": {"p-vm1": 0.9, "p-vm2": 0.8, "p-nm1": 0.2, "p-nm2": 0.1, "p-fm": 0.5},
+              "wen": {"p-vm1": 3.0, "p-vm2": 1.0, "p-nm1": 2.0, "p-nm2": 0.5, "p-fm": 1.5}}
+    rows = [{"detection_id": f"{m}-{p}", "prompt_id": p, "method": m, "model_id": "toy", "score": s,
+             "settings_hash": m, "unet_calls": 10 if m == "nemo" else 80, "seconds": 0.1, "run_id": "t",
+             "created_at": now_utc()} for m, by in scores.items() for p, s in by.items()]
+    db.upsert("detections", pa.Table.from_pylist(rows, schema=DETECTIONS))
+    t0 = now_utc()
+    scans = [{"scan_id": sid, "name": "weekly", "status": "done", "model_id": "toy", "started_at": t0.replace(hour=h),
+              "finished_at": t0.replace(hour=h, minute=30), "attempts": 1} for sid, h in (("w-1", 1), ("w-2", 2))]
+    db.upsert("scans", pa.Table.from_pylist(scans, schema=SCANS))
+    db.upsert("scan_stages", pa.Table.from_pylist([
+        {"stage_row_id": f"w-2-{st}", "scan_id": "w-2", "stage": st, "ordinal": i, "status": "done", "seconds": 1.5,
+         "counts_json": _json.dumps({"shards_new": 1}), "run_ids": ["r"]} for i, st in enumerate(["ingest", "label"])],
+        schema=SCAN_STAGES))
+    db.upsert("generations", pa.table({"generation_id": ["g1"], "prompt_id": ["p-nm1"], "run_id": ["t"], "image_sha256": ["x"],
+                                       "embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32(), 2))}))
+    db.upsert("label_changes", pa.Table.from_pylist([
+        {"change_id": "c1", "label_id": "l1", "generation_id": "g1", "rule": "most-severe", "label": "NM",
+         "previous_label": None, "run_id": "t", "scan_id": "w-1", "changed_at": t0.replace(hour=1, minute=10)},
+        {"change_id": "c2", "label_id": "l1", "generation_id": "g1", "rule": "most-severe", "label": "VM",
+         "previous_label": "NM", "run_id": "t", "scan_id": "w-2", "changed_at": t0.replace(hour=2, minute=10)},
+    ], schema=LABEL_CHANGES))
+
+    index = write_report(db, tmp_path / "out", scan_id="w-2")
+    page = index.read_text()
+    assert "section failed" not in page
+    det = page.split('<section id="detectors">', 1)[1].split("</section>", 1)[0]
+    assert 'src="img/chart-detectors.png"' in det
+    summary = det.split("<table>", 1)[1].split("</table>", 1)[0]
+    head = re.findall(r"<th>([^<]*)</th>", summary)
+    body = {cells[0]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", tr)
+                                          for tr in re.findall(r"<tr>(.*?)</tr>", summary)[1:])}
+    auc = head.index("auc_vm_vs_nm")
+    assert float(body["nemo"][auc]) == pytest.approx(1.0) and float(body["wen"][auc]) == pytest.approx(0.75)
+    scan = page.split('<section id="scan">', 1)[1].split("</section>", 1)[0]
+    assert "w-2" in scan and "ingest" in scan and "label" in scan
+    assert "What changed since w-1" in scan and "label changed" in scan
+    attrs = body_attrs(render_in_chromium(index, tmp_path))
+    assert attrs.get("data-ready") == "yes"
+    assert int(attrs["data-images-loaded"]) == int(attrs["data-images-total"]) >= 1
+    assert "chart-detectors.png" not in attrs.get("data-images-broken", "")

@@ -16,10 +16,13 @@ from typer.testing import CliRunner
 
 from fbmem.jobs.cli import app
 from fbmem.jobs.config import ConfigError
+from fbmem.jobs.core.gates import GateError
 from fbmem.jobs.errors import (
     ExitCode,
+    GateCrossed,
     InputError,
     InputsFailed,
+    ScanBusy,
     check_error_rate,
     classify,
     one_line,
@@ -56,8 +59,11 @@ def run_rows(db_uri: str, job: str) -> list[dict]:
 
 
 def test_exit_codes_are_the_documented_ones():
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5]
     assert classify(ConfigError("unknown preset 'x'")).code == ExitCode.USAGE
+    assert classify(GateCrossed("VM > 0.01")).code == ExitCode.GATE == 5  # a scan's --fail-on
+    assert classify(ScanBusy("scan x is running")).code == ExitCode.USAGE
+    assert classify(GateError("gate 'x'")).code == ExitCode.USAGE
     for exc in (InputError("x"), StorageError("x"), QueryError("x"), FileNotFoundError("x"), ValueError("x"),
                 PermissionError(13, "Permission denied", "/x")):
         assert classify(exc).code == ExitCode.INPUT, exc
