@@ -238,15 +238,16 @@ def ingest_prompts(
 @app.command("index")
 def index_cmd(
     db: DbOpt,
-    force: Annotated[bool, typer.Option(help="Build the ANN index even below index.exact_below_rows.")] = False,
+    force: Annotated[bool, typer.Option(help="Rebuild the ANN index now (also below index.exact_below_rows).")] = False,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Build the vector index on training embeddings (settings: config `index`)."""
-    from fbmem.storage.vector_index import build_index
+    """Build or update the vector index on training embeddings (settings: config `index`): new rows are
+    added to an existing index while they stay under index.max_unindexed_share, else it is rebuilt."""
+    from fbmem.storage.vector_index import build_index, update_index
 
     job = JobContext.from_options(db, preset, config, set_)
     with job.run("index", {"force": force}) as run:
-        info = build_index(job.db, job.cfg.index, force=force)
+        info = build_index(job.db, job.cfg.index, force=True) if force else update_index(job.db, job.cfg.index)
         run.rows_in = info.get("rows", 0)
         run.metrics.update(info)
         typer.echo(info.get("message", ""))

@@ -160,7 +160,7 @@ def test_internal_error_exits_4_with_the_traceback_in_a_file(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("boom in build_index")
 
-    monkeypatch.setattr(vector_index, "build_index", broken)
+    monkeypatch.setattr(vector_index, "update_index", broken)  # what `fbmem index` calls
     monkeypatch.delenv("FBMEM_LOG", raising=False)
     line = fails("index", "--db", str(tmp_path / "db"), code=4)
     assert line.startswith("internal error (a bug in fbmem") and "RuntimeError: boom in build_index" in line
