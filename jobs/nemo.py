@@ -57,7 +57,7 @@ from fbmem.pipelines.actor_pool import ModelPool
 from fbmem.storage.database import Database
 from fbmem.storage.errors import error_row
 from fbmem.storage.keys import stable_hash
-from fbmem.storage.schema import now_utc
+from fbmem.storage.schema import DETECTIONS, NEMO_PROMPTS, now_utc
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,10 @@ def run_detect(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequen
     def flush() -> None:
         nonlocal written
         if out:
-            db.upsert("nemo_prompts", pa.Table.from_pylist(_keep_localization(db, out)))
-            db.upsert("detections", pa.Table.from_pylist(detections))
+            # with the schema: rows of stored localizations carry columns a fresh detection row lacks
+            # (from_pylist would take the first row's keys for all)
+            db.upsert("nemo_prompts", pa.Table.from_pylist(_keep_localization(db, out), schema=NEMO_PROMPTS))
+            db.upsert("detections", pa.Table.from_pylist(detections, schema=DETECTIONS))
             written += len(out)
             out.clear()
             detections.clear()
@@ -478,7 +480,7 @@ def run_localize(db: Database, cfg: Config, model: Any, prompts: pa.Table | Sequ
                 if nrows:
                     db.upsert("neurons", pa.Table.from_pylist(nrows))
                 if done_rows:  # after its neurons: a stored row always has them
-                    db.upsert("nemo_prompts", pa.Table.from_pylist(done_rows))
+                    db.upsert("nemo_prompts", pa.Table.from_pylist(done_rows, schema=NEMO_PROMPTS))
     if errors:
         db.upsert("errors", pa.Table.from_pylist(errors))
     out = [found[pos] for pos in sorted(found)]

@@ -227,7 +227,7 @@ def detector_comparison(db: Database) -> str:
         lines.append(f"{method}: AUC VM vs NM {auc:.3f} over {len(vm_nm)} prompts; cost {calls / n:.0f} UNet "
                      f"evaluations and {secs / n:.2f} s per prompt ({len(scored)} prompts, measured in this run)")
     groups = _sql(db, "detector_groups")
-    cols = [c for c in ("grp", "prompts", "nemo_mean", "wen_mean", "rank_corr") if c in groups.column_names]
+    cols = [c for c in ("grp", "prompts", "mean_nemo_score", "mean_wen_score", "rank_corr") if c in groups.column_names]
     table = format_table(groups.filter(pa.compute.equal(groups.column("group_kind"), "planted")).select(cols)) \
         if "group_kind" in groups.column_names else format_table(groups)
     return table + "\n" + "\n".join(lines)

@@ -255,3 +255,26 @@ def test_fbmem_detect_runs_on_actors_and_reruns_skip(tmp_path, ray_local):
     assert db.count("detections") == 3
     runs = db.read("runs", where="job = 'detect-wen'").to_pylist()
     assert len(runs) == 2 and all(r["status"] == "ok" for r in runs)
+
+
+def test_detection_after_localization_keeps_the_localization_whatever_the_row_order(tmp_path, pipe, cfg):
+    """NeMo's detection rewrites only the detection columns of a prompt already localized, also
+    when the batch it writes begins with a prompt that was never localized (a scan's `detect`
+    stage after its `nemo` stage: the demo's localized prompts once lost their neuron counts)."""
+    from fbmem.jobs.nemo import nemo_id
+
+    db = _db_with_prompts(tmp_path / "db", PROMPTS)
+    model_id = cfg.models.diffusion.model_id
+    localized = {"nemo_id": nemo_id(model_id, "vm2", cfg), "prompt_id": "vm2", "model_id": model_id,
+                 "detect_score": 0.5, "memorized": True, "initial_score": 0.9, "refined_score": 0.8, "theta": 1.25,
+                 "k": 15, "n_initial": 72, "n_refined": 40, "criterion_reached": False,
+                 "message": "initial search gave up", "run_id": "localize"}
+    db.upsert("nemo_prompts", pa.Table.from_pylist([localized]))
+    with RunRecord(db, "nemo-detect", cfg) as run:  # nm1 and vm1 first: fresh detection rows lead the batch
+        run_detect(db, cfg, pipe, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], run)
+    rows = {r["prompt_id"]: r for r in db.read("nemo_prompts").to_pylist()}
+    kept = rows["vm2"]
+    assert (kept["n_initial"], kept["n_refined"], kept["refined_score"], kept["message"]) == (
+        72, 40, pytest.approx(0.8), "initial search gave up")
+    assert kept["run_id"] == run.run_id and kept["detect_score"] != 0.5  # the detection columns are new
+    assert rows["nm1"]["n_initial"] is None
