@@ -209,27 +209,37 @@ def write_demo_spec(out: Path) -> Path:
     return path
 
 
-def detector_comparison(db: Database) -> str:
-    """Both detectors on the toy world: AUC VM vs NM, scores per planted group, cost per prompt."""
+def first_step_wen(cfg: Config) -> Config:
+    """Wen et al.'s cheap screen: the first sampling step of one seed (their paper's finding that
+    it already detects), beside the defaults of their code (all steps, 4 seeds)."""
+    cheap = cfg.model_copy(deep=True)
+    cheap.detect.wen_steps, cheap.detect.wen_seeds = 1, 1
+    return cheap
+
+
+def detector_comparison(db: Database, variants: dict[str, tuple[str, str]]) -> str:
+    """The detectors on the toy world: AUC VM vs NM, scores per planted group and cost per prompt,
+    for each `variants` entry (label -> (method, settings_hash)), all measured in this run."""
     from sklearn.metrics import roc_auc_score
 
-    rows = _sql(db, "detector_agreement").to_pylist()
     planted = {r["prompt_id"]: r["planted"] for r in db.read("prompts", ["prompt_id", "planted"]).to_pylist()}
-    lines = []
-    for method in ("nemo", "wen"):
-        scored = [(planted.get(r["prompt_id"]), r[f"{method}_score"]) for r in rows if r[f"{method}_score"] is not None]
-        vm_nm = [(g == VM, s) for g, s in scored if g in (VM, NM)]
+    lines, means = [], {}
+    for label, (method, settings_hash) in variants.items():
+        rows = _sql(db, "detector_agreement", **{f"{method}_settings": settings_hash}).to_pylist()
+        scored = [(planted.get(r["prompt_id"]), r[f"{method}_score"], r[f"{method}_unet_calls"] or 0,
+                   r[f"{method}_seconds"] or 0.0) for r in rows if r[f"{method}_score"] is not None]
+        vm_nm = [(g == VM, sc) for g, sc, _, _ in scored if g in (VM, NM)]
         y = [v for v, _ in vm_nm]
-        auc = roc_auc_score(y, [s for _, s in vm_nm]) if 0 < sum(y) < len(y) else float("nan")
-        calls = sum(r[f"{method}_unet_calls"] or 0 for r in rows)
-        secs = sum(r[f"{method}_seconds"] or 0.0 for r in rows)
+        auc = roc_auc_score(y, [sc for _, sc in vm_nm]) if 0 < sum(y) < len(y) else float("nan")
         n = len(scored) or 1
-        lines.append(f"{method}: AUC VM vs NM {auc:.3f} over {len(vm_nm)} prompts; cost {calls / n:.0f} UNet "
-                     f"evaluations and {secs / n:.2f} s per prompt ({len(scored)} prompts, measured in this run)")
-    groups = _sql(db, "detector_groups")
-    cols = [c for c in ("grp", "prompts", "mean_nemo_score", "mean_wen_score", "rank_corr") if c in groups.column_names]
-    table = format_table(groups.filter(pa.compute.equal(groups.column("group_kind"), "planted")).select(cols)) \
-        if "group_kind" in groups.column_names else format_table(groups)
+        lines.append(f"{label}: AUC VM vs NM {auc:.3f} over {len(vm_nm)} prompts; cost "
+                     f"{sum(c for *_, c, _ in scored) / n:.0f} UNet evaluations and "
+                     f"{sum(t for *_, t in scored) / n:.2f} s per prompt ({len(scored)} prompts)")
+        for g in LABELS:
+            vals = [sc for gg, sc, _, _ in scored if gg == g]
+            means.setdefault(g, {})[label] = round(sum(vals) / len(vals), 4) if vals else None
+    table = format_table(pa.Table.from_pylist([{"planted": g, **{f"mean {k}": v for k, v in m.items()}}
+                                               for g, m in means.items()]))
     return table + "\n" + "\n".join(lines)
 
 
@@ -315,7 +325,17 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
                  if min(floor) > cfg.nemo.threshold else "so the criterion is reachable for some"))
 
     _step("detectors: NeMo's and Wen et al.'s, side by side")
-    print(detector_comparison(db))
+    from fbmem.jobs.detect import method_settings, run_detect_method
+    from fbmem.jobs.nemo import detection_settings_hash
+
+    cheap = first_step_wen(cfg)
+    with job.run("detect", {"method": "wen", "variant": "first step, one seed"}) as run:
+        run_detect_method(db, cheap, db.read("prompts", ["prompt_id", "text"]), "wen", run)
+    variants = {"nemo": ("nemo", detection_settings_hash("nemo", method_settings(cfg, "nemo"))),
+                f"wen ({cfg.detect.wen_steps} steps, {cfg.detect.wen_seeds} seeds)":
+                    ("wen", detection_settings_hash("wen", method_settings(cfg, "wen"))),
+                "wen (first step, 1 seed)": ("wen", detection_settings_hash("wen", method_settings(cheap, "wen")))}
+    print(detector_comparison(db, variants))
 
     mitigation = stages.get("mitigate", {}).get("counts") or {}
     for key, r in mitigation.items():
