@@ -296,22 +296,22 @@ def detector_auc(rows: Sequence[dict], method: str) -> tuple[float, int]:
     return float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)), len(pos) + len(neg)
 
 
-def detector_chart(rows: Sequence[dict]) -> Figure:
-    """Each detector's scores per prompt group (one panel per method), with its AUC VM vs NM."""
-    methods = [m for m in ("nemo", "wen") if any(r.get(f"{m}_score") is not None for r in rows)]
-    fig = Figure(figsize=(5.0 * max(1, len(methods)), 3.8))
-    groups = sorted({g for _, g in detector_groups_of(rows)}, key=lambda g: (LABELS.index(g) if g in LABELS else 9, g))
+def detector_chart(panels: Sequence[tuple[str, str, Sequence[dict]]]) -> Figure:
+    """Each detector variant's scores per prompt group (one panel per (label, method, rows) of
+    detector_agreement.sql), with its AUC VM vs NM."""
+    fig = Figure(figsize=(4.6 * max(1, len(panels)), 3.8))
     colours = {**LABEL_COLOURS, "(none)": "#34495e"}
-    for k, m in enumerate(methods):
-        ax = fig.add_subplot(1, len(methods), k + 1)
+    for k, (label, m, rows) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        grouped = detector_groups_of(rows)
+        groups = sorted({g for _, g in grouped}, key=lambda g: (LABELS.index(g) if g in LABELS else 9, g))
         for i, g in enumerate(groups):
-            ys = [r[f"{m}_score"] for r, (_, gg) in zip(rows, detector_groups_of(rows))
-                  if gg == g and r.get(f"{m}_score") is not None]
+            ys = [r[f"{m}_score"] for r, (_, gg) in zip(rows, grouped) if gg == g and r.get(f"{m}_score") is not None]
             xs = [i + 0.08 * ((j % 5) - 2) for j in range(len(ys))]  # a little spread, deterministic
-            ax.scatter(xs, ys, s=20, color=colours.get(g, "#7f8c8d"), label=mpl_text(g))
+            ax.scatter(xs, ys, s=20, color=colours.get(g, "#7f8c8d"))
         ax.set_xticks(range(len(groups)), [mpl_text(g) for g in groups])
         auc, n = detector_auc(rows, m)
-        ax.set_title(f"{m}: AUC VM vs NM {auc:.3f} ({n} prompts)", fontsize=10)
+        ax.set_title(mpl_text(f"{label}: AUC VM vs NM {auc:.3f} ({n})"), fontsize=9)
         ax.set_ylabel("NeMo: max_i m_i" if m == "nemo" else "Wen: ||eps(c_p) - eps(c_0)||")
         ax.grid(alpha=0.3)
     fig.suptitle("Memorization detectors per prompt group")
@@ -586,28 +586,54 @@ def section_nemo(ctx: Context) -> str:
     return out
 
 
+def detector_variants(db: Database) -> list[tuple[str, str, str]]:
+    """(label, method, settings_hash) of every detector setting in `detections`, NeMo first,
+    then by when it was first run: `wen (50 steps, 4 seeds)`, `wen (1 steps, 1 seeds)`, ..."""
+    if not db.has_table("detections"):
+        return []
+    rows = db.read("detections", ["method", "settings_hash", "settings_json", "created_at"]).to_pylist()
+    first: dict[tuple[str, str], tuple] = {}
+    for r in rows:
+        key = (r["method"], r["settings_hash"])
+        if key not in first or r["created_at"] < first[key][0]:
+            first[key] = (r["created_at"], r["settings_json"])
+    out = []
+    for (method, h), (_, settings) in sorted(first.items(), key=lambda kv: (kv[0][0] != "nemo", kv[0][0], kv[1][0])):
+        label = method
+        if method == "wen" and settings:
+            st = json.loads(settings)
+            label = f"wen ({st.get('steps')} steps, {st.get('seeds')} seeds)"
+        out.append((label, method, h))
+    return out
+
+
 def section_detectors(ctx: Context) -> str:
-    rows = named_query(ctx.db, ctx.sql, "detector_agreement")
-    if not rows:
+    variants = detector_variants(ctx.db)
+    if not variants:
         return ('<p class="empty">no detector scores yet: `fbmem detect --method nemo|wen` (a scan runs both).</p>')
     out = ('<p class="note">NeMo\'s detector (SPEC 6: how alike the noise differences of several latents '
            "are at the first step) beside Wen et al.'s (ICLR 2024: the magnitude of the text-conditional noise "
-           "prediction over the first steps and seeds, no image needed). Cost: UNet evaluations of one latent "
-           "row and actor seconds per prompt, as measured when the scores were computed.</p>")
-    out += img_html(ctx.assets.figure(detector_chart(rows), "chart-detectors.png"), "detector scores per group")
-    summary = []
-    for m in ("nemo", "wen"):
+           "prediction over the first steps and seeds, no image needed), one panel per setting run. Cost: UNet "
+           "evaluations of one latent row and actor seconds per prompt, as measured when the scores were "
+           "computed.</p>")
+    panels, summary = [], []
+    for label, m, h in variants:
+        rows = named_query(ctx.db, ctx.sql, "detector_agreement", **{f"{m}_settings": h})
         scored = [r for r in rows if r.get(f"{m}_score") is not None]
         if not scored:
             continue
+        panels.append((label, m, rows))
         auc, n = detector_auc(rows, m)
-        summary.append({"method": m, "prompts": len(scored), "auc_vm_vs_nm": auc, "auc_prompts": n,
+        summary.append({"detector": label, "settings_hash": h, "prompts": len(scored), "auc_vm_vs_nm": auc,
+                        "auc_prompts": n,
                         "unet_evals_per_prompt": sum(r.get(f"{m}_unet_calls") or 0 for r in scored) / len(scored),
                         "seconds_per_prompt": sum(r.get(f"{m}_seconds") or 0.0 for r in scored) / len(scored)})
+    out += img_html(ctx.assets.figure(detector_chart(panels), "chart-detectors.png"), "detector scores per group")
     out += table_html(summary)
     groups = named_query(ctx.db, ctx.sql, "detector_groups")
-    out += "<h3>Per prompt group</h3>" + table_html(groups)
-    out += "<h3>Per prompt</h3>" + table_html(rows, limit=ctx.max_prompts)
+    out += "<h3>Per prompt group (latest setting of each method)</h3>" + table_html(groups)
+    out += "<h3>Per prompt (latest setting of each method)</h3>" + table_html(
+        named_query(ctx.db, ctx.sql, "detector_agreement"), limit=ctx.max_prompts)
     return out
 
 

@@ -363,6 +363,11 @@ def run_demo(cfg: Config, out: Path, *, overrides: dict[str, object] | None = No
         ["prompt", "planted", "generations", "distinct_vm_images", "distinct_fm_images", "distinct_bm_images"])))
 
     _step("report")
-    print(f"report: {stages.get('report', {}).get('counts', {}).get('report')}")
+    from fbmem.jobs.report import write_report
+
+    # the scan's report, written again with what the demo added (Wen's first-step variant)
+    index = write_report(db, Path(spec.path(spec.outputs.report or "report")), title=f"fbmem scan {result.scan_id}",
+                         nemo_threshold=cfg.nemo.threshold, scan_id=result.scan_id)
+    print(f"report: {index}")
     print(f"scan: {result.scan_id} ({result.how}); `fbmem scans --db {out / 'db'}` lists the scans")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; database: {out / 'db'}")

@@ -348,6 +348,11 @@ def test_report_shows_both_detectors_and_the_scan_with_what_changed(tmp_path):
     rows = [{"detection_id": f"{m}-{p}", "prompt_id": p, "method": m, "model_id": "toy", "score": s,
              "settings_hash": m, "unet_calls": 10 if m == "nemo" else 80, "seconds": 0.1, "run_id": "t",
              "created_at": now_utc()} for m, by in scores.items() for p, s in by.items()]
+    # a second setting of Wen's, run later (its first step, one seed): reversed on the NM prompts (AUC 1.0)
+    first = {"p-vm1": 2.0, "p-vm2": 1.8, "p-nm1": 0.5, "p-nm2": 0.7, "p-fm": 1.0}
+    rows += [{"detection_id": f"wen1-{p}", "prompt_id": p, "method": "wen", "model_id": "toy", "score": sc,
+              "settings_hash": "wen-first", "settings_json": _json.dumps({"steps": 1, "seeds": 1}), "unet_calls": 2,
+              "seconds": 0.01, "run_id": "t2", "created_at": now_utc()} for p, sc in first.items()]
     db.upsert("detections", pa.Table.from_pylist(rows, schema=DETECTIONS))
     t0 = now_utc()
     scans = [{"scan_id": sid, "name": "weekly", "status": "done", "model_id": "toy", "started_at": t0.replace(hour=h),
@@ -375,8 +380,11 @@ def test_report_shows_both_detectors_and_the_scan_with_what_changed(tmp_path):
     head = re.findall(r"<th>([^<]*)</th>", summary)
     body = {cells[0]: cells for cells in (re.findall(r"<td[^>]*>([^<]*)</td>", tr)
                                           for tr in re.findall(r"<tr>(.*?)</tr>", summary)[1:])}
+    assert set(body) == {"nemo", "wen", "wen (1 steps, 1 seeds)"}  # one row per detector setting
     auc = head.index("auc_vm_vs_nm")
     assert float(body["nemo"][auc]) == pytest.approx(1.0) and float(body["wen"][auc]) == pytest.approx(0.75)
+    assert float(body["wen (1 steps, 1 seeds)"][auc]) == pytest.approx(1.0)
+    assert float(body["wen (1 steps, 1 seeds)"][head.index("unet_evals_per_prompt")]) == pytest.approx(2.0)
     scan = page.split('<section id="scan">', 1)[1].split("</section>", 1)[0]
     assert "w-2" in scan and "ingest" in scan and "label" in scan
     assert "What changed since w-1" in scan and "label changed" in scan
